@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+# make demo          real models (SAM vit_b, CLIP ViT-B-32, Qwen2.5-0.5B); fetched once into the cache
+# make demo SMOKE=1  tiny random "smoke" models, offline, CPU, ~1 minute
+demo: venv
+	$(BIN)/ssam-pipeline run configs/pipeline/$(if $(SMOKE),smoke,sample).yaml $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check ssam stages pipeline model tests benchmarks
+	$(BIN)/ruff format --check ssam stages pipeline model tests benchmarks
+
+bench: venv
+	$(BIN)/python benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf runs .pytest_cache

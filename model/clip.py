@@ -1,0 +1,116 @@
+"""CLIP through open_clip: any ``model_name`` + ``pretrained`` tag or local file, plus a smoke model.
+
+The smoke model ``ssam-smoke-clip`` is an open_clip model config (2-layer towers, 32-d embeddings,
+open_clip's bundled BPE tokenizer) registered with ``open_clip.add_model_config``; with no
+``pretrained`` it gets seeded random weights. Real models require their weights
+(``require_pretrained=True``): a missing download is an error, never random weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+
+from .weights import WeightsUnavailable, cache_dir, offline
+
+SMOKE_CLIP = "ssam-smoke-clip"
+open_clip.add_model_config(Path(__file__).parent / "smoke" / f"{SMOKE_CLIP}.json")
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a blurry photo of a {}.",
+)
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP: model, its eval preprocessing, tokenizer and where it came from."""
+
+    model: Any
+    preprocess: Any  # PIL.Image -> (3, S, S) tensor
+    tokenizer: Any
+    embed_dim: int
+    image_size: int
+    provenance: dict = field(default_factory=dict)
+
+
+def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: str = "cpu") -> ClipBundle:
+    """Create an open_clip model with its weights.
+
+    Args:
+        model_name: an open_clip model name (``open_clip.list_models()``) or ``ssam-smoke-clip``.
+        pretrained: an open_clip pretrained tag, a local checkpoint file, or None (smoke only).
+        seed: seed for the smoke model's random weights.
+
+    Raises:
+        WeightsUnavailable: the weights are neither cached nor fetchable.
+        KeyError: unknown model name.
+    """
+    smoke = model_name == SMOKE_CLIP
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise KeyError(f"unknown open_clip model '{model_name}'")
+    if pretrained is None and not smoke:
+        raise WeightsUnavailable(f"CLIP '{model_name}' needs labels.clip_pretrained (a tag or a file)")
+    looks_like_file = pretrained is not None and (
+        "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    )
+    if looks_like_file and not Path(pretrained).expanduser().is_file():
+        raise WeightsUnavailable(f"CLIP weights file {pretrained} does not exist")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=pretrained,
+                device=device,
+                cache_dir=str(cache_dir() / "open_clip"),
+                require_pretrained=not smoke,
+            )
+        except (RuntimeError, OSError, ValueError) as e:  # hub unreachable, missing file, bad tag
+            hint = " (fetching is off)" if offline() else ""
+            raise WeightsUnavailable(f"CLIP {model_name}/{pretrained}: {e}{hint}") from e
+    model.eval()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
+    if embed_dim is None:
+        with torch.no_grad():
+            embed_dim = int(model.encode_text(open_clip.get_tokenizer(model_name)(["x"])).shape[-1])
+    provenance = {"name": model_name, "pretrained": pretrained, "embed_dim": embed_dim, "smoke": smoke}
+    if smoke and pretrained is None:
+        provenance["seed"] = seed
+    return ClipBundle(
+        model, preprocess, open_clip.get_tokenizer(model_name), embed_dim, int(size), provenance
+    )
+
+
+@torch.no_grad()
+def encode_texts(bundle: ClipBundle, labels: list[str], templates=DEFAULT_TEMPLATES) -> np.ndarray:
+    """Prompt-ensembled, L2-normalised text embeddings, float32 ``[len(labels), D]``.
+
+    Each label is put in every template, embedded, normalised, averaged, and normalised again
+    (the ensembling of the CLIP paper).
+    """
+    if not labels:
+        return np.zeros((0, bundle.embed_dim), np.float32)
+    device = next(bundle.model.parameters()).device
+    texts = [t.format(label) for label in labels for t in templates]
+    emb = bundle.model.encode_text(bundle.tokenizer(texts).to(device)).float()
+    emb = torch.nn.functional.normalize(emb, dim=-1).view(len(labels), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_images(bundle: ClipBundle, pixels_bchw: torch.Tensor) -> np.ndarray:
+    """L2-normalised image embeddings, float32 ``[B, D]``, of preprocessed images ``BxCxHxW``."""
+    device = next(bundle.model.parameters()).device
+    emb = bundle.model.encode_image(pixels_bchw.to(device)).float()
+    return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()

@@ -1,0 +1,168 @@
+"""LLM backends for caption expansion: a registry of generators with one method, ``generate``.
+
+- ``transformers``: any HF causal LM id or local directory, batched ``generate`` with left padding,
+  the model's chat template when it has one. CPU or GPU.
+- ``vllm``: ``vllm.LLM`` for GPU clusters (optional extra ``[vllm]``; imported only here).
+- ``none``: no LLM; the candidates stage then uses caption nouns and the vocabulary alone.
+
+``smoke`` as a model id builds (once, into the cache) a 2-layer random GPT-2 with a byte-level
+tokenizer and loads it back through ``from_pretrained`` -- the same path a real model takes.
+Its output is random bytes; the parser drops almost all of it, which is the point of testing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from .weights import WeightsUnavailable, cache_dir, offline
+
+SMOKE_LLM = "smoke"
+
+
+class Generator(Protocol):
+    provenance: dict
+
+    def generate(self, prompts: list[str]) -> list[str]: ...
+
+
+LLM_BACKENDS: dict[str, Callable[..., Generator | None]] = {}
+
+
+def register_backend(name: str):
+    def deco(fn):
+        if name in LLM_BACKENDS:
+            raise ValueError(f"LLM backend '{name}' is already registered")
+        LLM_BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+def build_smoke_llm(path: Path, seed: int = 0) -> Path:
+    """Write the smoke LLM (random 2-layer GPT-2 + ByT5 byte tokenizer) to ``path`` if absent."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = ByT5Tokenizer()
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(cfg)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
+def _resolve_model_dir(model: str) -> str:
+    if model == SMOKE_LLM:
+        return str(build_smoke_llm(cache_dir() / "smoke-llm"))
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser())
+    return model  # an HF hub id
+
+
+class TransformersGenerator:
+    """Batched generation with ``transformers`` (greedy by default, so runs are repeatable)."""
+
+    def __init__(self, model: str, device: str = "cpu", max_new_tokens: int = 48, temperature: float = 0.0,
+                 dtype: str = "auto", seed: int = 0):  # fmt: skip
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = _resolve_model_dir(model)
+        kwargs = {"local_files_only": offline()}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+            self.model = (
+                AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device).eval()
+            )
+        except OSError as e:  # hub unreachable, not cached, not a model directory
+            raise WeightsUnavailable(f"LLM '{model}' could not be loaded: {e}") from e
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device, self.max_new_tokens, self.temperature, self.seed = (
+            device,
+            max_new_tokens,
+            temperature,
+            seed,
+        )
+        self.provenance = {"backend": "transformers", "model": model, "smoke": model == SMOKE_LLM}
+
+    def _format(self, prompt: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            msgs = [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return prompt + "\n"
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        if not prompts:
+            return []
+        enc = self.tokenizer([self._format(p) for p in prompts], return_tensors="pt", padding=True,
+                             truncation=True, max_length=384).to(self.device)  # fmt: skip
+        sample = self.temperature > 0
+        torch.manual_seed(self.seed)
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=sample,
+                                      temperature=self.temperature if sample else None, top_p=None, top_k=None,
+                                      pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+class VllmGenerator:
+    """vLLM offline batched generation on GPUs (``pip install .[vllm]``)."""
+
+    def __init__(self, model: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85, dtype: str = "auto"):  # fmt: skip
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise WeightsUnavailable(
+                "candidates.backend=vllm needs the vllm package: pip install '.[vllm]'"
+            ) from e
+        self.llm = LLM(model=_resolve_model_dir(model), tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed)  # fmt: skip
+        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        self.provenance = {"backend": "vllm", "model": model, "smoke": model == SMOKE_LLM}
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        msgs = [[{"role": "user", "content": p}] for p in prompts]
+        outs = self.llm.chat(msgs, self.params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+
+@register_backend("transformers")
+def _transformers(model: str, **kw) -> Generator:
+    kw.pop("tensor_parallel_size", None)
+    kw.pop("gpu_memory_utilization", None)
+    return TransformersGenerator(model, **kw)
+
+
+@register_backend("vllm")
+def _vllm(model: str, **kw) -> Generator:
+    kw.pop("device", None)
+    return VllmGenerator(model, **kw)
+
+
+@register_backend("none")
+def _none(model: str, **kw) -> None:
+    return None
+
+
+def build_generator(backend: str, model: str, **kwargs) -> Generator | None:
+    """The generator of a registered backend, or None for ``none``."""
+    if backend not in LLM_BACKENDS:
+        raise KeyError(f"unknown LLM backend '{backend}'; registered: {sorted(LLM_BACKENDS)}")
+    return LLM_BACKENDS[backend](model, **kwargs)

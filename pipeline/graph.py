@@ -1,0 +1,92 @@
+"""The stage graph: Ray Data ``map_batches`` actor pools, or a plain loop over the same stages.
+
+Ray executor: downloaded shards -> read (tasks) -> decode -> candidates -> masks -> labels
+(each an actor pool with the CPUs, GPUs, pool size and batch size from ``cfg.ray``), consumed by
+the driver, which assembles and writes shards as they complete. Ray Data streams: memory is
+bounded by the in-flight window, not the dataset size. The local executor runs the same stage
+objects one batch at a time in this process (tests, debugging, the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ssam.stages.candidates import CandidatesStage
+from ssam.stages.decode import DecodeStage
+from ssam.stages.download import DownloadedShardReader, read_downloaded_shard
+from ssam.stages.labels import LabelStage
+from ssam.stages.masks import MaskStage
+from ssam.stages.write import ShardAssembler
+
+from .config import PipelineConfig
+
+STAGES: list[tuple[str, type]] = [
+    ("decode", DecodeStage),
+    ("candidates", CandidatesStage),
+    ("masks", MaskStage),
+    ("labels", LabelStage),
+]
+
+
+def _chunks(batch: dict[str, list], size: int):
+    n = len(batch["key"]) if batch else 0
+    for s in range(0, n, size):
+        yield {k: v[s : s + size] for k, v in batch.items()}
+
+
+def run_local(cfg: PipelineConfig, shard_stems: list[Path], assembler: ShardAssembler,
+              on_shard: Callable[[int], None] = lambda s: None) -> None:  # fmt: skip
+    """Sequential executor: the same stage objects, in this process, one batch at a time."""
+    stages = [cls(cfg) for _, cls in STAGES]
+    size = cfg.ray.masks.batch_size
+    for stem in shard_stems:
+        for chunk in _chunks(read_downloaded_shard(stem), size):
+            for stage in stages:
+                chunk = stage(chunk)
+            for sid in assembler.add(chunk):
+                on_shard(sid)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+
+
+def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
+    """The lazy Ray Data graph over the given downloaded shards (nothing runs until consumed)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = cfg.ray.preserve_order
+    ds = ray.data.from_items(
+        [{"shard_stem": str(s)} for s in shard_stems], override_num_blocks=len(shard_stems)
+    )
+    ds = ds.map_batches(DownloadedShardReader, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=0.1)  # fmt: skip
+    for name, cls in STAGES:
+        r = getattr(cfg.ray, name)
+        ds = ds.map_batches(
+            cls,
+            fn_constructor_args=(cfg,),
+            batch_size=r.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=r.min_workers, max_size=r.max_workers),
+            num_cpus=r.num_cpus,
+            num_gpus=r.num_gpus,
+            udf_modifying_row_count=False,
+        )
+    return ds
+
+
+def run_ray(cfg: PipelineConfig, shard_stems: list[Path], assembler: ShardAssembler,
+            on_shard: Callable[[int], None] = lambda s: None) -> None:  # fmt: skip
+    """Ray Data executor; the driver assembles and writes shards as their rows stream in."""
+    init_ray(cfg)
+    ds = build_dataset(cfg, shard_stems)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for sid in assembler.add(batch):
+            on_shard(sid)

@@ -1,0 +1,93 @@
+"""Input parquet files: find them, check their schema before any work, stream their rows."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ssam.stages.download import resolve_file_url
+
+from .config import PipelineConfig
+
+
+class InputError(ValueError):
+    """The input cannot be read; the message names the file and the column."""
+
+
+_TEXT = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
+         pa.types.is_string_view, pa.types.is_dictionary)  # fmt: skip
+_NUMBER = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
+
+
+def resolve_inputs(paths: list[str]) -> list[Path]:
+    """Parquet files named by paths, directories or globs, in sorted order."""
+    files: list[Path] = []
+    for spec in paths:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            found = sorted(p.glob("*.parquet"))
+        elif any(ch in spec for ch in "*?["):
+            found = [Path(x) for x in sorted(glob.glob(str(p)))]
+        else:
+            found = [p] if p.exists() else []
+        if not found:
+            raise InputError(f"input {spec}: no parquet file found")
+        files += found
+    return files
+
+
+def _check_type(path: Path, column: str, typ: pa.DataType, kinds, expected: str) -> None:
+    if not any(k(typ) for k in kinds):
+        raise InputError(f"{path}: column '{column}' has type {typ}, expected {expected}")
+
+
+def check_inputs(cfg: PipelineConfig) -> list[Path]:
+    """Resolve and check every input file: readable parquet, url/caption columns present and typed."""
+    cols = cfg.input.columns
+    files = resolve_inputs(cfg.input.path)
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise InputError(f"{f}: not a readable parquet file: {e}") from e
+        for role, name in (("url", cols.url), ("caption", cols.caption)):
+            if name not in schema.names:
+                raise InputError(f"{f}: missing {role} column '{name}' (columns: {schema.names}); "
+                                 f"set input.columns.{role}")  # fmt: skip
+            _check_type(f, name, schema.field(name).type, _TEXT, "a string column")
+        for role in ("width", "height", "similarity"):
+            name = getattr(cols, role)
+            if name and name in schema.names:
+                _check_type(f, name, schema.field(name).type, _NUMBER, "a numeric column")
+    return files
+
+
+def iter_input_batches(
+    cfg: PipelineConfig, files: list[Path], batch_rows: int = 8192
+) -> Iterator[dict[str, list]]:
+    """Rows in our column names (url, caption, width, ...) plus ``src_index`` and ``fetch_url``."""
+    cols = cfg.input.columns
+    roles = {
+        r: getattr(cols, r) for r in ("url", "caption", "width", "height", "nsfw", "similarity", "language")
+    }
+    index, limit = 0, cfg.input.limit
+    for f in files:
+        pf = pq.ParquetFile(f)
+        present = {r: n for r, n in roles.items() if n and n in pf.schema_arrow.names}
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=sorted(set(present.values()))):
+            data = rb.to_pydict()
+            n = rb.num_rows if limit is None else min(rb.num_rows, limit - index)
+            if n <= 0:
+                return
+            batch = {r: data[name][:n] if name in present.values() else [None] * n
+                     for r, name in ((r, present.get(r)) for r in roles)}  # fmt: skip
+            batch["url"] = [u.decode("utf-8", "replace") if isinstance(u, bytes) else u for u in batch["url"]]
+            batch["src_index"] = list(range(index, index + n))
+            batch["fetch_url"] = [resolve_file_url(u, f.parent.resolve()) if isinstance(u, str) else u
+                                  for u in batch["url"]]  # fmt: skip
+            index += n
+            yield batch

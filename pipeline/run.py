@@ -1,0 +1,177 @@
+"""One pipeline run: check -> filter -> download -> graph -> shards -> manifest, resumable.
+
+Run directory layout::
+
+    RUN/manifest.json                 config, provenance, complete shards, totals (rewritten atomically)
+    RUN/filter.failures.parquet       rows refused before download (same schema as shard failures)
+    RUN/work/download_input.parquet   the rows handed to img2dataset
+    RUN/downloads/NNNNN.{tar,parquet} img2dataset's image shards (original bytes, per-row status)
+    RUN/shards/NNNNN.*                the output (FORMAT.md)
+
+Started again, a run skips what is complete: the filter output if present, img2dataset's done
+shards (its incremental mode), and every output shard with a commit marker. A finished run does
+nothing. The same ``output.dir`` with a different config is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ssam.model.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete, write_json_atomic
+from ssam.stages.common import OK
+from ssam.stages.download import Downloader, shard_row_count, write_download_input
+from ssam.stages.filter import FilterStage
+from ssam.stages.write import ShardAssembler
+
+from .config import ConfigError, PipelineConfig
+from .inputs import check_inputs, iter_input_batches
+from .preflight import check_models
+
+
+@dataclass
+class RunSummary:
+    """What a run did; ``totals['input_rows'] == written + failed`` always."""
+
+    run_dir: Path
+    totals: dict = field(default_factory=dict)
+    shards_written_now: list[int] = field(default_factory=list)
+    stage_rows_per_s: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    nothing_to_do: bool = False
+
+    def lines(self) -> list[str]:
+        t = self.totals
+        out = [f"run: {self.run_dir}"]
+        if self.nothing_to_do:
+            out.append("nothing to do: every shard is complete")
+        out.append(f"input rows {t.get('input_rows', 0)} = written {t.get('written', 0)} + failed {t.get('failed', 0)}"
+                   f"  ({'adds up' if t.get('input_rows') == t.get('written', 0) + t.get('failed', 0) else 'DOES NOT ADD UP'})")  # fmt: skip
+        for reason, n in sorted(t.get("by_reason", {}).items(), key=lambda kv: -kv[1]):
+            out.append(f"  {reason:<20} {n}")
+        out.append(f"shards complete {t.get('shards', 0)}, written by this run {len(self.shards_written_now)}; "
+                   f"annotations {t.get('annotations', 0)}, labelled {t.get('labelled', 0)}")  # fmt: skip
+        for stage, rate in self.stage_rows_per_s.items():
+            out.append(f"  {stage:<11} {rate:8.2f} rows/s per worker")
+        if self.wall_s:
+            out.append(
+                f"wall {self.wall_s:.1f}s, {t.get('written_now', 0) / self.wall_s:.2f} images/s written"
+            )
+        return out
+
+
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    """Hash of everything that changes the output (not Ray resources or the executor)."""
+    data = cfg.model_dump(mode="json", exclude={"ray"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: PipelineConfig, run: Path) -> int:
+    """Filter the input into ``work/download_input.parquet`` + ``filter.failures.parquet``; return input rows."""
+    target, failures_path = run / "work" / "download_input.parquet", run / "filter.failures.parquet"
+    marker = run / "work" / "prepared.json"
+    if marker.exists():
+        return json.loads(marker.read_text())["input_rows"]
+    files = check_inputs(cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = FilterStage(cfg)
+    merged: dict[str, list] = {k: [] for k in ("fetch_url", "caption", "url", "src_index", "status")}
+    fails: list[dict] = []
+    n_rows = 0
+    for batch in iter_input_batches(cfg, files):
+        out = stage(batch)
+        n_rows += len(out["url"])
+        for k in merged:
+            merged[k] += out[k]
+        fails += [{"key": f"input-{out['src_index'][i]}", "url": str(out["url"][i] or ""), "stage": "filter",
+                   "reason": s, "detail": out["fail_detail"][i]}
+                  for i, s in enumerate(out["status"]) if s != OK]  # fmt: skip
+    tmp = failures_path.with_name(failures_path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA), tmp)
+    os.replace(tmp, failures_path)
+    kept = write_download_input(merged, target)
+    write_json_atomic(marker, {"input_rows": n_rows, "kept": kept, "filtered": len(fails)})
+    return n_rows
+
+
+def collect_totals(run: Path, input_rows: int) -> dict:
+    """Totals over every complete shard plus the filter failures."""
+    by_reason: Counter = Counter()
+    shard_dir = run / "shards"
+    ann = labelled = 0
+    for sid in complete_shards(shard_dir):
+        stats = json.loads((shard_dir / f"{sid:05d}.stats.json").read_text())
+        by_reason.update(stats["outcomes"])
+        ann += stats["annotations"]
+        labelled += stats.get("labelled", 0)
+    filt = pq.read_table(run / "filter.failures.parquet", columns=["reason"]).column("reason").to_pylist()
+    by_reason.update(filt)
+    written = by_reason.pop("written", 0)
+    return {"input_rows": input_rows, "written": written, "failed": sum(by_reason.values()),
+            "by_reason": dict(by_reason), "shards": len(complete_shards(shard_dir)),
+            "annotations": ann, "labelled": labelled}  # fmt: skip
+
+
+def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
+    """Run (or resume) the pipeline described by ``cfg``.
+
+    Raises:
+        ConfigError, InputError, ModelsUnavailable: before any work is done.
+        RuntimeError: the graph ended with rows missing (a bug, reported with the shards).
+    """
+    from .graph import run_local, run_ray
+
+    started = time.perf_counter()
+    run = Path(cfg.output.dir)
+    manifest_path = run / MANIFEST
+    fingerprint = config_fingerprint(cfg)
+    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if previous and previous.get("config_fingerprint") != fingerprint:
+        raise ConfigError(f"{run} holds a run made with a different configuration "
+                          f"(fingerprint {previous.get('config_fingerprint')} != {fingerprint}); use a new output.dir")  # fmt: skip
+    if previous and previous.get("finished"):
+        return RunSummary(run, previous["totals"], nothing_to_do=True)
+    check_inputs(cfg)  # schema errors stop the run before any model is touched or byte fetched
+    provenance = check_models(cfg)
+    if cfg.smoke:
+        log(
+            "*** SMOKE RUN: tiny random models; labels and masks are meaningless (marked smoke in every shard) ***"
+        )
+    run.mkdir(parents=True, exist_ok=True)
+    manifest = {"config": cfg.model_dump(mode="json"), "config_fingerprint": fingerprint, "provenance": provenance,
+                "finished": False, "shards": [], "totals": {}}  # fmt: skip
+    write_json_atomic(manifest_path, manifest)
+
+    input_rows = prepare(cfg, run)
+    log(f"input: {input_rows} rows; downloading with img2dataset ...")
+    downloads = Downloader(cfg)(run / "work" / "download_input.parquet", run / "downloads")
+    shard_dir = run / "shards"
+    removed = remove_incomplete(shard_dir)
+    if removed:
+        log(f"removed {len(removed)} incomplete files from an interrupted run")
+    done = set(complete_shards(shard_dir))
+    pending = {sid: stem for sid, stem in downloads.items() if sid not in done}
+    log(f"shards: {len(downloads)} downloaded, {len(done)} already complete, {len(pending)} to process")
+    assembler = ShardAssembler(
+        shard_dir, {sid: shard_row_count(stem) for sid, stem in pending.items()}, provenance
+    )
+    executor = run_ray if cfg.ray.executor == "ray" else run_local
+    if pending:
+        executor(cfg, list(pending.values()), assembler, on_shard=lambda s: log(f"shard {s:05d} written"))
+    if assembler.missing():
+        raise RuntimeError(f"rows missing after the graph finished: {assembler.missing()}")
+
+    totals = collect_totals(run, input_rows)
+    totals["written_now"] = assembler.outcomes.get("written", 0)
+    manifest.update(finished=True, shards=[f"{s:05d}" for s in complete_shards(shard_dir)], totals=totals)
+    write_json_atomic(manifest_path, manifest)
+    rates = {s: assembler.stage_rows[s] / sec for s, sec in assembler.stage_seconds.items() if sec > 0}
+    return RunSummary(run, totals, assembler.written, rates, time.perf_counter() - started)

@@ -1,0 +1,75 @@
+"""Row bookkeeping shared by the stages.
+
+A batch is ``dict[str, list | np.ndarray]`` (Ray Data's numpy batch format). Every row carries
+``status`` (``"ok"`` or a failure reason), ``fail_stage`` and ``fail_detail``. A stage works on
+the ``ok`` rows and passes the others through untouched, so every input row reaches the writer.
+One bad row never raises out of a stage: :func:`map_rows` turns its exception into a failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+OK = "ok"
+
+
+class RowFailure(Exception):
+    """Raised by per-row code to mark the row failed with a known reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def batch_len(batch: dict[str, Any]) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def as_list(col: Any) -> list:
+    return col.tolist() if isinstance(col, np.ndarray) else list(col)
+
+
+def to_lists(batch: dict[str, Any]) -> dict[str, list]:
+    """A mutable copy of a batch with every column as a Python list."""
+    return {k: as_list(v) for k, v in batch.items()}
+
+
+def ok_indices(batch: dict[str, list]) -> list[int]:
+    return [i for i, s in enumerate(batch["status"]) if s == OK]
+
+
+def mark_failed(batch: dict[str, list], i: int, stage: str, reason: str, detail: str = "") -> None:
+    batch["status"][i] = reason
+    batch["fail_stage"][i] = stage
+    batch["fail_detail"][i] = detail[:500]
+
+
+def map_rows(batch: dict[str, list], stage: str, fn: Callable[[int], dict[str, Any]],
+             new_columns: dict[str, Any]) -> None:  # fmt: skip
+    """Apply ``fn(i) -> {column: value}`` to every ok row, in place.
+
+    ``new_columns`` gives each output column's value for rows that are not ok (or fail here).
+    A :class:`RowFailure` marks the row with its reason; any other exception with ``stage_error``.
+    """
+    n = batch_len(batch)
+    for col, default in new_columns.items():
+        batch.setdefault(col, [default] * n)
+    for i in ok_indices(batch):
+        try:
+            for col, value in fn(i).items():
+                batch[col][i] = value
+        except RowFailure as e:
+            mark_failed(batch, i, stage, e.reason, e.detail)
+        except Exception as e:  # noqa: BLE001 -- one bad row must not stop the run; it is recorded
+            mark_failed(batch, i, stage, "stage_error", f"{type(e).__name__}: {e}")
+
+
+def record_time(batch: dict[str, list], stage: str, started: float) -> None:
+    """Spread a batch's wall time over its rows in column ``t_<stage>`` (for the run summary)."""
+    n = batch_len(batch)
+    if n:
+        batch[f"t_{stage}"] = [(time.perf_counter() - started) / n] * n

@@ -1,0 +1,104 @@
+"""Decode: downloaded bytes -> a safe, upright, 8-bit RGB JPEG at the size SAM wants.
+
+Written by hand because img2dataset's resizer decodes with OpenCV *before* it checks the pixel
+limit and ignores EXIF orientation. Here the pixel count is read from the header and refused
+before any pixel is decoded (decompression bombs), EXIF rotation is applied, and every PIL mode
+(CMYK, grayscale, 16-bit, float, alpha, palette) is converted explicitly.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .common import RowFailure, map_rows, record_time, to_lists
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
+Image.MAX_IMAGE_PIXELS = None  # our own limit (checked from the header) is the one that applies
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; alpha is composited over ``background``."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int, longest_side: int) -> Image.Image:
+    """Decode untrusted image bytes into an upright RGB image no longer than ``longest_side``.
+
+    Raises:
+        RowFailure: ``decode_failed`` (not an image, truncated, empty),
+            ``decompression_bomb`` (header says more than ``max_pixels``),
+            ``image_too_small`` (shorter side under ``min_side`` after decoding).
+    """
+    if not data:
+        raise RowFailure("decode_failed", "0-byte file")
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        head = data[:15].lower()
+        what = "HTML page" if head.lstrip().startswith((b"<!doctype", b"<html")) else "not an image"
+        raise RowFailure("decode_failed", f"{what}: {e}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise RowFailure("decompression_bomb", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+    try:
+        if img.format == "JPEG":
+            img.draft("RGB", (longest_side, longest_side))  # DCT-domain downscale: faster, less memory
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise RowFailure("decode_failed", f"{type(e).__name__}: {e}") from e
+    if max(img.size) > longest_side:
+        img.thumbnail((longest_side, longest_side), Image.Resampling.LANCZOS)
+    if min(img.size) < min_side:
+        raise RowFailure("image_too_small", f"{img.size[0]}x{img.size[1]}, shorter side < {min_side}")
+    return img
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class DecodeStage:
+    """Bytes (column ``image``) -> ``jpeg``, ``width``, ``height``; the raw bytes are dropped."""
+
+    name = "decode"
+
+    def __init__(self, cfg):
+        d = cfg.download
+        self.max_pixels, self.min_side, self.size, self.quality = (
+            d.max_pixels,
+            d.min_image_side,
+            d.image_size,
+            d.jpeg_quality,
+        )
+
+    def __call__(self, batch):
+        started = time.perf_counter()
+        out = to_lists(batch)
+        raw = out.pop("image")
+
+        def one(i):
+            img = decode_image(raw[i] or b"", self.max_pixels, self.min_side, self.size)
+            return {"jpeg": encode_jpeg(img, self.quality), "width": img.size[0], "height": img.size[1]}
+
+        map_rows(out, self.name, one, {"jpeg": b"", "width": 0, "height": 0})
+        record_time(out, self.name, started)
+        return out

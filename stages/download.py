@@ -1,0 +1,150 @@
+"""Download: img2dataset's Python API fetches the filtered pairs into image shards.
+
+img2dataset does the fetching it is good at (thread pools, timeouts, retries, per-row
+``status`` / ``error_message``, sha256, its Ray distributor on a cluster, incremental resume).
+It is run with ``disable_all_reencoding`` so the original bytes are kept: decoding, EXIF
+rotation, pixel limits and the resize to SAM's longest side happen in :mod:`.decode`, where
+an unsafe image is refused before it is decoded.
+
+:class:`DownloadedShardReader` turns one downloaded shard back into rows -- the successes with
+their bytes, the failures with img2dataset's error message -- so every row reaches the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .common import OK
+
+DOWNLOAD_COLUMNS = ["fetch_url", "caption", "source_url", "src_index"]
+
+
+def resolve_file_url(url: str, base_dir: Path) -> str:
+    """``file:images/a.jpg`` (relative) -> ``file:///abs/base_dir/images/a.jpg``; others unchanged."""
+    parsed = urlparse(url)
+    if parsed.scheme != "file" or parsed.netloc or url.startswith("file:/"):
+        return url
+    return (base_dir / parsed.path).resolve().as_uri()
+
+
+def downloaded_shards(download_dir: str | os.PathLike) -> dict[int, Path]:
+    """Shards img2dataset finished (its ``_stats.json`` is written last), by id."""
+    done = {}
+    for p in Path(download_dir).glob("*_stats.json"):
+        stem = p.name.split("_")[0]
+        if stem.isdigit() and (p.parent / f"{stem}.parquet").exists():
+            done[int(stem)] = p.parent / stem
+    return dict(sorted(done.items()))
+
+
+class Downloader:
+    """Runs img2dataset over the prepared ``download_input.parquet``."""
+
+    name = "download"
+
+    def __init__(self, cfg):
+        self.d = cfg.download
+        self.samples_per_shard = cfg.output.samples_per_shard
+
+    def __call__(self, input_parquet: str | os.PathLike, download_dir: str | os.PathLike) -> dict[int, Path]:
+        from img2dataset import download
+
+        if pq.ParquetFile(input_parquet).metadata.num_rows == 0:
+            return {}
+        d = self.d
+        started = time.perf_counter()
+        download(
+            url_list=str(input_parquet), input_format="parquet", url_col="fetch_url", caption_col="caption",
+            save_additional_columns=["source_url", "src_index"], output_folder=str(download_dir),
+            output_format="webdataset", processes_count=d.processes_count, thread_count=d.thread_count,
+            number_sample_per_shard=self.samples_per_shard, timeout=d.timeout_s, retries=d.retries,
+            distributor=d.distributor, disable_all_reencoding=True, image_size=d.image_size,
+            compute_hash="sha256", extract_exif=False, incremental_mode="incremental",
+            user_agent_token=d.user_agent_token, disallowed_header_directives=d.disallowed_header_directives,
+            enable_wandb=False,
+        )  # fmt: skip
+        self.seconds = time.perf_counter() - started
+        return downloaded_shards(download_dir)
+
+
+def shard_row_count(shard_stem: Path) -> int:
+    return pq.ParquetFile(f"{shard_stem}.parquet").metadata.num_rows
+
+
+def read_downloaded_shard(shard_stem: Path) -> dict[str, list]:
+    """All rows of one img2dataset shard as a batch: ok rows with ``image`` bytes, failures marked."""
+    table = pq.read_table(f"{shard_stem}.parquet").to_pylist()
+    images: dict[str, bytes] = {}
+    tar_error = ""
+    try:
+        with tarfile.open(f"{shard_stem}.tar") as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".jpg"):
+                    images[m.name[: -len(".jpg")]] = tar.extractfile(m).read()
+    except (OSError, tarfile.TarError) as e:
+        tar_error = f"image tar unreadable: {e}"
+    shard_id = int(shard_stem.name)
+    out: dict[str, list] = {c: [] for c in ("key", "shard_id", "url", "caption", "sha256", "image", "status",
+                                            "fail_stage", "fail_detail", "t_download")}  # fmt: skip
+    for row in table:
+        key = row["key"]
+        ok = row["status"] == "success"
+        data = images.get(key, b"") if ok else b""
+        status, stage, detail = OK, "", ""
+        if not ok:
+            status, stage, detail = "download_failed", "download", str(row.get("error_message") or "unknown")
+        elif key not in images:
+            status, stage, detail = "download_failed", "download", tar_error or "image missing from tar"
+        out["key"].append(key)
+        out["shard_id"].append(shard_id)
+        out["url"].append(row.get("source_url") or row.get("url") or "")
+        out["caption"].append(row.get("caption") or "")
+        out["sha256"].append(row.get("sha256") or "")
+        out["image"].append(data)
+        out["status"].append(status)
+        out["fail_stage"].append(stage)
+        out["fail_detail"].append(detail[:500])
+        out["t_download"].append(0.0)
+    return out
+
+
+class DownloadedShardReader:
+    """Ray Data UDF: a batch of ``{"shard_stem": [...]}`` -> the rows of those shards."""
+
+    name = "read"
+
+    def __call__(self, batch):
+        parts = [read_downloaded_shard(Path(s)) for s in batch["shard_stem"]]
+        return {k: [v for p in parts for v in p[k]] for k in parts[0]} if parts else {}
+
+
+def write_download_input(rows: dict[str, list], path: Path) -> int:
+    """Write the ok rows img2dataset will fetch; return their count. Atomic (temp name, rename)."""
+    keep = [i for i, s in enumerate(rows["status"]) if s == OK]
+    table = pa.table({
+        "fetch_url": pa.array([rows["fetch_url"][i] for i in keep], pa.string()),
+        "caption": pa.array([rows["caption"][i] for i in keep], pa.string()),
+        "source_url": pa.array([rows["url"][i] for i in keep], pa.string()),
+        "src_index": pa.array([rows["src_index"][i] for i in keep], pa.int64()),
+    })  # fmt: skip
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return len(keep)
+
+
+def summarize_download_errors(download_dir: str | os.PathLike) -> dict[str, int]:
+    """img2dataset's own per-shard error counts, merged (for the run summary)."""
+    total: dict[str, int] = {}
+    for p in Path(download_dir).glob("*_stats.json"):
+        for msg, n in json.loads(p.read_text()).get("status_dict", {}).items():
+            total[msg] = total.get(msg, 0) + n
+    return total

@@ -1,0 +1,142 @@
+"""Filter: LAION metadata filters and caption cleaning, before anything is downloaded.
+
+Input rows use our column names (``url``, ``caption``, ``width``, ``height``, ``nsfw``,
+``similarity``, ``language``); the pipeline maps the parquet's own names onto them. Each row
+leaves with ``status`` ``ok`` or a failure reason, and a cleaned caption.
+
+Duplicate URLs are found with state kept on the stage object, so one instance must see the whole
+input (the pipeline runs this stage in the driver; it is cheap next to the models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import ipaddress
+import re
+import socket
+import time
+import unicodedata
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlparse
+
+from .common import OK, batch_len, mark_failed, record_time, to_lists
+
+_TAG = re.compile(r"<[^>]{0,200}>")
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def clean_caption(text: Any, max_chars: int) -> str:
+    """Caption text made safe: decoded, HTML unescaped and stripped, URLs and control characters
+    removed, whitespace collapsed, cut at a word boundary to ``max_chars``."""
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    text = str(text)[: max_chars * 4]  # bound the work on huge captions before any regex
+    text = _TAG.sub(" ", html.unescape(text))
+    text = _URL.sub(" ", text)
+    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+    text = _SPACE.sub(" ", text.replace("\ufffd", " ")).strip()
+    if len(text) > max_chars:
+        text = text[:max_chars].rsplit(" ", 1)[0].strip()
+    return text
+
+
+@lru_cache(maxsize=65536)
+def _host_addresses(host: str) -> tuple[str, ...]:
+    try:
+        return tuple({ai[4][0] for ai in socket.getaddrinfo(host, None)})
+    except (OSError, UnicodeError):
+        return ()  # unresolvable: left to the download, which will fail it
+
+
+def _is_private(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr.split("%")[0])
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast \
+        or ip.is_unspecified  # fmt: skip
+
+
+def check_url(
+    url: str, allow_private_hosts: bool, allow_file_urls: bool, resolve_hosts: bool
+) -> tuple[str, str]:
+    """``("ok", "")`` or ``(reason, detail)`` for one URL.
+
+    Refuses ``file://`` unless allowed, any other scheme but http(s), and hosts that are -- or
+    resolve to -- loopback, private, link-local or reserved addresses unless allowed.
+    """
+    if not isinstance(url, str) or not url.strip():
+        return "missing_url", "empty url"
+    parsed = urlparse(url.strip())
+    if parsed.scheme == "file":
+        return (OK, "") if allow_file_urls else ("url_refused", "file:// URLs are not allowed")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return "bad_url", f"unsupported url {url[:100]!r}"
+    if allow_private_hosts:
+        return OK, ""
+    host = parsed.hostname
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        return "url_refused", f"host {host} is local"
+    try:
+        addrs: tuple[str, ...] = (str(ipaddress.ip_address(host)),)
+    except ValueError:
+        addrs = _host_addresses(host) if resolve_hosts else ()
+    bad = [a for a in addrs if _is_private(a)]
+    if bad:
+        return "url_refused", f"host {host} resolves to non-public address {bad[0]}"
+    return OK, ""
+
+
+class FilterStage:
+    """LAION metadata filters + caption cleaning + URL safety + duplicate URLs."""
+
+    name = "filter"
+
+    def __init__(self, cfg):
+        self.f = cfg.filter
+        self.d = cfg.download
+        self.max_chars = cfg.filter.max_caption_chars
+        self._seen: set[bytes] = set()
+
+    def _reject(self, row: dict[str, Any]) -> tuple[str, str]:
+        f = self.f
+        reason, detail = check_url(row["url"], self.d.allow_private_hosts, self.d.allow_file_urls,
+                                   self.d.resolve_hosts)  # fmt: skip
+        if reason != OK:
+            return reason, detail
+        w, h = row.get("width"), row.get("height")
+        if f.min_image_side and w is not None and h is not None and min(w, h) < f.min_image_side:
+            return "too_small", f"{w}x{h} < {f.min_image_side}"
+        nsfw = row.get("nsfw")
+        if f.drop_nsfw and nsfw is not None and str(nsfw).upper() in {t.upper() for t in f.nsfw_tags}:
+            return "nsfw", f"tag {nsfw}"
+        sim = row.get("similarity")
+        if f.min_similarity is not None and sim is not None and sim < f.min_similarity:
+            return "low_similarity", f"{sim:.3f} < {f.min_similarity}"
+        lang = row.get("language")
+        if f.languages and lang is not None and lang not in f.languages:
+            return "language", f"language {lang}"
+        if f.require_caption and not row["caption"]:
+            return "empty_caption", "caption empty after cleaning"
+        digest = hashlib.blake2b(row["url"].strip().encode(), digest_size=12).digest()
+        if digest in self._seen:
+            return "duplicate_url", "url seen earlier in the input"
+        self._seen.add(digest)
+        return OK, ""
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        started = time.perf_counter()
+        out = to_lists(batch)
+        n = batch_len(out)
+        out["caption"] = [clean_caption(c, self.max_chars) for c in out.get("caption", [None] * n)]
+        out["status"], out["fail_stage"], out["fail_detail"] = [OK] * n, [""] * n, [""] * n
+        cols = list(out)
+        for i in range(n):
+            row = {c: out[c][i] for c in cols}
+            reason, detail = self._reject(row)
+            if reason != OK:
+                mark_failed(out, i, self.name, reason, detail)
+        record_time(out, self.name, started)
+        return out
