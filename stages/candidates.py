@@ -59,6 +59,8 @@ def normalize_phrase(text: str, max_words: int = 4) -> str | None:
     that signal an instruction are rejected.
     """
     text = text.strip().lower()
+    if re.search(r"[`$<>{}=/\\|@#~^*]", text.lstrip("-*\u2022 ")):
+        return None  # code, markup, paths: never a noun phrase
     text = re.sub(r"^\s*(?:[-*\u2022]+|\d+[.)]|[a-z][.)])\s+", "", text)
     text = text.strip(" \t\"'`.,;:!?()[]{}")
     if not text or len(text) > 48 or re.search(r"\d", text) or ":" in text:
@@ -107,9 +109,12 @@ class VocabularyMatcher:
     def __init__(self, names: list[str]):
         self.by_form: dict[tuple[str, ...], str] = {}
         for name in names:
-            words = _WORD.findall(name)
+            # LVIS qualifies ambiguous names ("car (automobile)", "bow (weapon)"): captions say "car";
+            # the first name of a form wins, and the label is the plain name.
+            plain = re.sub(r"\s*\(.*?\)", "", name).strip()
+            words = _WORD.findall(plain)
             if words:
-                self.by_form.setdefault(tuple(words[:-1] + [singular(words[-1])]), name)
+                self.by_form.setdefault(tuple(words[:-1] + [singular(words[-1])]), plain)
         self.longest = max((len(k) for k in self.by_form), default=1)
 
     def __call__(self, caption: str) -> list[str]:

@@ -76,7 +76,7 @@ def check_url(
         return "bad_url", f"unsupported url {url[:100]!r}"
     if allow_private_hosts:
         return OK, ""
-    host = parsed.hostname
+    host = parsed.hostname.rstrip(".")  # "localhost." is localhost
     if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
         return "url_refused", f"host {host} is local"
     try:
