@@ -9,6 +9,7 @@ open_clip's bundled BPE tokenizer) registered with ``open_clip.add_model_config`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,39 @@ class ClipBundle:
     provenance: dict = field(default_factory=dict)
 
 
+def resolve_clip_weights(model_name: str, pretrained: str | None) -> str | None:
+    """Make sure a CLIP's weights are on disk (fetching a pretrained tag once into the cache).
+
+    Returns the local file for a file or tag, None for the smoke model without weights.
+
+    Raises:
+        WeightsUnavailable: unknown tag, missing file, or not cached and not fetchable.
+        KeyError: unknown model name.
+    """
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise KeyError(f"unknown open_clip model '{model_name}'")
+    if pretrained is None:
+        if model_name == SMOKE_CLIP:
+            return None
+        raise WeightsUnavailable(f"CLIP '{model_name}' needs labels.clip_pretrained (a tag or a file)")
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path)
+    pcfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not pcfg:
+        raise WeightsUnavailable(
+            f"CLIP weights '{pretrained}' are neither a file nor a pretrained tag of {model_name} "
+            f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)})"
+        )
+    if offline():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return open_clip.download_pretrained(pcfg, cache_dir=str(cache_dir() / "open_clip"))
+    except Exception as e:  # noqa: BLE001 -- hub and network errors come in many types; all mean "not here"
+        hint = " (fetching is off)" if offline() else ""
+        raise WeightsUnavailable(f"CLIP {model_name}/{pretrained}: {str(e).splitlines()[0][:200]}{hint}") from e
+
+
 def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: str = "cpu") -> ClipBundle:
     """Create an open_clip model with its weights.
 
@@ -51,19 +85,12 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: st
         seed: seed for the smoke model's random weights.
 
     Raises:
-        WeightsUnavailable: the weights are neither cached nor fetchable.
+        WeightsUnavailable: the weights are neither cached nor fetchable (checked before the
+            model is built).
         KeyError: unknown model name.
     """
     smoke = model_name == SMOKE_CLIP
-    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
-        raise KeyError(f"unknown open_clip model '{model_name}'")
-    if pretrained is None and not smoke:
-        raise WeightsUnavailable(f"CLIP '{model_name}' needs labels.clip_pretrained (a tag or a file)")
-    looks_like_file = pretrained is not None and (
-        "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-    )
-    if looks_like_file and not Path(pretrained).expanduser().is_file():
-        raise WeightsUnavailable(f"CLIP weights file {pretrained} does not exist")
+    resolve_clip_weights(model_name, pretrained)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
@@ -74,22 +101,18 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: st
                 cache_dir=str(cache_dir() / "open_clip"),
                 require_pretrained=not smoke,
             )
-        except (RuntimeError, OSError, ValueError) as e:  # hub unreachable, missing file, bad tag
-            hint = " (fetching is off)" if offline() else ""
-            raise WeightsUnavailable(f"CLIP {model_name}/{pretrained}: {e}{hint}") from e
+        except (RuntimeError, OSError, ValueError) as e:  # a corrupt or mismatched checkpoint
+            raise WeightsUnavailable(f"CLIP {model_name}/{pretrained}: {e}") from e
     model.eval()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
-    if embed_dim is None:
-        with torch.no_grad():
-            embed_dim = int(model.encode_text(open_clip.get_tokenizer(model_name)(["x"])).shape[-1])
+    tokenizer = open_clip.get_tokenizer(model_name)
+    with torch.no_grad():  # the embedding width, whatever the tower's projection is
+        embed_dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
     provenance = {"name": model_name, "pretrained": pretrained, "embed_dim": embed_dim, "smoke": smoke}
     if smoke and pretrained is None:
         provenance["seed"] = seed
-    return ClipBundle(
-        model, preprocess, open_clip.get_tokenizer(model_name), embed_dim, int(size), provenance
-    )
+    return ClipBundle(model, preprocess, tokenizer, embed_dim, int(size), provenance)
 
 
 @torch.no_grad()

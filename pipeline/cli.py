@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -81,6 +82,8 @@ def cmd_validate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("SSAM_OFFLINE", "") not in ("", "0"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
     if args.command == "run":
         return cmd_run(args)
     if args.command == "validate":

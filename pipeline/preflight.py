@@ -29,29 +29,11 @@ def _sam(cfg: PipelineConfig) -> dict:
 def _clip(cfg: PipelineConfig) -> dict:
     import open_clip
 
-    from ssam.model.clip import SMOKE_CLIP
+    from ssam.model.clip import resolve_clip_weights
 
     name, tag = cfg.labels.clip_model, cfg.labels.clip_pretrained
-    if name not in open_clip.list_models():
-        raise WeightsUnavailable(f"unknown open_clip model '{name}'")
-    embed_dim = open_clip.get_model_config(name)["embed_dim"]
-    if name == SMOKE_CLIP and tag is None:
-        return {"name": name, "pretrained": None, "embed_dim": embed_dim}
-    if tag is None:
-        raise WeightsUnavailable("labels.clip_pretrained is not set")
-    if os.path.isfile(os.path.expanduser(tag)):
-        return {"name": name, "pretrained": tag, "embed_dim": embed_dim}
-    pcfg = open_clip.get_pretrained_cfg(name, tag)
-    if not pcfg:
-        raise WeightsUnavailable(f"'{tag}' is neither a file nor a pretrained tag of {name} "
-                                 f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")  # fmt: skip
-    if offline():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        open_clip.download_pretrained(pcfg, cache_dir=str(cache_dir() / "open_clip"))
-    except Exception as e:  # noqa: BLE001 -- hub/network errors come in many types; all mean "not available"
-        raise WeightsUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    return {"name": name, "pretrained": tag, "embed_dim": embed_dim}
+    resolve_clip_weights(name, tag)
+    return {"name": name, "pretrained": tag, "embed_dim": open_clip.get_model_config(name)["embed_dim"]}
 
 
 def _llm(cfg: PipelineConfig) -> dict:
