@@ -1,0 +1,107 @@
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO
+
+from ssam.pipeline.cli import main
+from ssam.pipeline.config import ConfigError, config_reference, load_config
+from ssam.pipeline.inputs import InputError, check_inputs
+
+SMOKE = REPO / "configs/pipeline/smoke.yaml"
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs/pipeline").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.output.dir
+    assert load_config(SMOKE).smoke and not load_config(REPO / "configs/pipeline/sample.yaml").smoke
+
+
+def test_unknown_key_names_file_key_and_expected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE.read_text().replace("points_per_side: 8", "points_per_sid: 8"))
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "masks.points_per_sid" in msg and "unknown key" in msg and "points_per_side" in msg
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("masks.points_per_side=many", "masks.points_per_side"), ("labels.background=paint", "labels.background"),
+     ("output.samples_per_shard=0", "greater than or equal to 1"), ("masks.sam_model=vit_z", "unknown SAM size"),
+     ("candidates.backend=openai", "candidates.backend"), ("nonsense.key=1", "unknown key"),
+     ("candidates.prompt_templates=[\"no placeholder\"]", "{caption}"),
+     ("ray.masks.min_workers=3", "min_workers 3 > max_workers 1")],
+)
+def test_wrong_values_are_refused_with_the_key(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(SMOKE, [override])
+
+
+def test_set_overrides_single_keys_as_yaml():
+    cfg = load_config(SMOKE, ["masks.points_per_side=16", "filter.languages=[en, de]", "labels.clip_pretrained=null"])
+    assert cfg.masks.points_per_side == 16 and cfg.filter.languages == ["en", "de"] and cfg.labels.clip_pretrained is None
+
+
+def test_config_reference_lists_every_key_and_the_readme_documents_them():
+    rows = config_reference()
+    keys = [r.split("`")[1] for r in rows]
+    for k in ("input.path", "output.dir", "output.samples_per_shard", "download.allow_private_hosts",
+              "download.allow_file_urls", "download.image_size", "masks.points_per_side", "candidates.backend",
+              "candidates.max_candidates", "labels.score_threshold", "ray.masks.num_gpus"):
+        assert k in keys
+    readme = (REPO / "README.md").read_text()
+    missing = [k for k in keys if f"`{k}`" not in readme]
+    assert missing == [], f"README config reference lacks {missing}"
+
+
+def _parquet(path, **cols):
+    pq.write_table(pa.table(cols), path)
+    return str(path)
+
+
+def test_input_schema_errors_name_the_file_and_column(tmp_path):
+    no_url = _parquet(tmp_path / "a.parquet", link=["http://x"], TEXT=["c"])
+    with pytest.raises(InputError, match=r"a\.parquet: missing url column 'URL'"):
+        check_inputs(load_config(SMOKE, [f"input.path={no_url}"]))
+    int_url = _parquet(tmp_path / "b.parquet", URL=[1, 2], TEXT=["c", "d"])
+    with pytest.raises(InputError, match=r"b\.parquet: column 'URL' has type int64, expected a string"):
+        check_inputs(load_config(SMOKE, [f"input.path={int_url}"]))
+    str_width = _parquet(tmp_path / "c.parquet", URL=["u"], TEXT=["c"], WIDTH=["wide"])
+    with pytest.raises(InputError, match="'WIDTH' has type string, expected a numeric"):
+        check_inputs(load_config(SMOKE, [f"input.path={str_width}"]))
+    (tmp_path / "d.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match="not a readable parquet"):
+        check_inputs(load_config(SMOKE, [f"input.path={tmp_path / 'd.parquet'}"]))
+    with pytest.raises(InputError, match="no parquet file found"):
+        check_inputs(load_config(SMOKE, [f"input.path={tmp_path / 'none*.parquet'}"]))
+
+
+def test_cli_exits_2_before_any_work_on_bad_input(tmp_path, capsys):
+    no_url = _parquet(tmp_path / "a.parquet", link=["http://x"], TEXT=["c"])
+    assert main(["run", str(SMOKE), "--input", no_url, "--output", str(tmp_path / "run")]) == 2
+    assert "missing url column 'URL'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was started
+    assert main(["run", str(SMOKE), "--set", "masks.bogus=1", "--output", str(tmp_path / "run")]) == 2
+    assert "masks.bogus" in capsys.readouterr().err
+
+
+def test_cli_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--input", "--output", "--set", "config"):
+        assert flag in out
+
+
+def test_sample_config_without_weights_stops_with_one_clear_paragraph(tmp_path, capsys):
+    code = main(["run", str(REPO / "configs/pipeline/sample.yaml"), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "SAM vit_b" in err and "CLIP ViT-B-32/laion2b_s34b_b79k" in err and "Qwen/Qwen2.5-0.5B-Instruct" in err
+    assert "make demo SMOKE=1" in err and "masks.sam_checkpoint" in err
+    assert err.strip().count("\n") == 0  # one paragraph
+    assert not (tmp_path / "run").exists()
