@@ -8,8 +8,8 @@ open_clip's bundled BPE tokenizer) registered with ``open_clip.add_model_config`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,9 @@ def resolve_clip_weights(model_name: str, pretrained: str | None) -> str | None:
         return open_clip.download_pretrained(pcfg, cache_dir=str(cache_dir() / "open_clip"))
     except Exception as e:  # noqa: BLE001 -- hub and network errors come in many types; all mean "not here"
         hint = " (fetching is off)" if offline() else ""
-        raise WeightsUnavailable(f"CLIP {model_name}/{pretrained}: {str(e).splitlines()[0][:200]}{hint}") from e
+        raise WeightsUnavailable(
+            f"CLIP {model_name}/{pretrained}: {str(e).splitlines()[0][:200]}{hint}"
+        ) from e
 
 
 def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: str = "cpu") -> ClipBundle:

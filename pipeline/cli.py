@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate every complete shard of a run.",
     )
     v.add_argument("run_dir", help="the run directory (output.dir)")
+    s = sub.add_parser(
+        "show", help="draw mask overlays of a run's samples", description="Write overlay PNGs of samples."
+    )
+    s.add_argument("run_dir", help="the run directory (output.dir)")
+    s.add_argument("--key", action="append", default=[], help="sample key to draw (repeatable; default: all)")
+    s.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/overlays)")
     sub.add_parser("config-reference", help="print every config key as a Markdown table")
     return p
 
@@ -80,6 +86,35 @@ def cmd_validate(args) -> int:
     return 0 if not errs else 1
 
 
+def cmd_show(args) -> int:
+    import io
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from ssam.model.format import complete_shards, decode_sample, iter_tar_samples
+    from ssam.model.overlay import render_overlay
+
+    out = Path(args.out or Path(args.run_dir) / "overlays")
+    out.mkdir(parents=True, exist_ok=True)
+    shard_dir = Path(args.run_dir) / "shards"
+    n = 0
+    for sid in complete_shards(shard_dir):
+        for raw in iter_tar_samples(shard_dir / f"{sid:05d}.tar"):
+            if args.key and raw["__key__"] not in args.key:
+                continue
+            meta, _ = decode_sample(raw)
+            image = np.asarray(Image.open(io.BytesIO(raw["jpg"])).convert("RGB"))
+            smoke = bool(meta["provenance"].get("smoke"))
+            render_overlay(
+                image, meta["annotations"], smoke=smoke, caption=meta["image"].get("caption")
+            ).save(out / f"{raw['__key__']}.png")
+            n += 1
+    print(f"wrote {n} overlay(s) to {out}")
+    return 0 if n else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get("SSAM_OFFLINE", "") not in ("", "0"):
@@ -88,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "validate":
         return cmd_validate(args)
+    if args.command == "show":
+        return cmd_show(args)
     from .config import config_reference
 
     print("| key | type | default | description |\n|---|---|---|---|")

@@ -327,7 +327,7 @@ def config_reference(model: type[BaseModel] = PipelineConfig, prefix: str = "") 
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += config_reference(ann, key + ".")
             continue
-        default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+        default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
         type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        rows.append(f"| `{key}` | `{type_name}` | `{default!r}` | {field.description or ''} |")
+        rows.append(f"| `{key}` | `{type_name}` | {default} | {field.description or ''} |")
     return rows

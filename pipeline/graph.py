@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ssam.stages.candidates import CandidatesStage
 from ssam.stages.decode import DecodeStage
-from ssam.stages.download import DownloadedShardReader, read_downloaded_shard
+from ssam.stages.download import read_downloaded_shard, read_shard_batch
 from ssam.stages.labels import LabelStage
 from ssam.stages.masks import MaskStage
 from ssam.stages.write import ShardAssembler
@@ -65,8 +65,7 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
     ds = ray.data.from_items(
         [{"shard_stem": str(s)} for s in shard_stems], override_num_blocks=len(shard_stems)
     )
-    ds = ds.map_batches(DownloadedShardReader, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=0.1)  # fmt: skip
+    ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="numpy", num_cpus=0.1)
     for name, cls in STAGES:
         r = getattr(cfg.ray, name)
         ds = ds.map_batches(

@@ -6,7 +6,7 @@ It is run with ``disable_all_reencoding`` so the original bytes are kept: decodi
 rotation, pixel limits and the resize to SAM's longest side happen in :mod:`.decode`, where
 an unsafe image is refused before it is decoded.
 
-:class:`DownloadedShardReader` turns one downloaded shard back into rows -- the successes with
+:func:`read_shard_batch` turns one downloaded shard back into rows -- the successes with
 their bytes, the failures with img2dataset's error message -- so every row reaches the writer.
 """
 
@@ -116,14 +116,10 @@ def read_downloaded_shard(shard_stem: Path) -> dict[str, list]:
     return out
 
 
-class DownloadedShardReader:
-    """Ray Data UDF: a batch of ``{"shard_stem": [...]}`` -> the rows of those shards."""
-
-    name = "read"
-
-    def __call__(self, batch):
-        parts = [read_downloaded_shard(Path(s)) for s in batch["shard_stem"]]
-        return {k: [v for p in parts for v in p[k]] for k in parts[0]} if parts else {}
+def read_shard_batch(batch: dict) -> dict[str, list]:
+    """Ray Data UDF (a task): a batch of ``{"shard_stem": [...]}`` -> all rows of those shards."""
+    parts = [read_downloaded_shard(Path(s)) for s in batch["shard_stem"]]
+    return {k: [v for p in parts for v in p[k]] for k in parts[0]} if parts else {}
 
 
 def write_download_input(rows: dict[str, list], path: Path) -> int:

@@ -38,7 +38,7 @@ def test_sam_checkpoint_round_trip_with_weights_only(tmp_path):
     path = tmp_path / "smoke_sam.pth"
     torch.save(sam.state_dict(), path)
     loaded, prov = sam_mod.load_sam("smoke", str(path), seed=0)  # seed 0 init, then overwritten by the file
-    for (k, a), (_, b) in zip(sam.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (_, b) in zip(sam.state_dict().items(), loaded.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=k)
     assert prov["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -55,7 +55,10 @@ def test_fetch_downloads_once_and_checks_sha256(tmp_path, monkeypatch):
     monkeypatch.setenv("SSAM_OFFLINE", "0")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("SSAM_CACHE", str(tmp_path))
-    routes = {"/w.pth": (200, "application/octet-stream", body), "/v.pth": (200, "application/octet-stream", body)}
+    routes = {
+        "/w.pth": (200, "application/octet-stream", body),
+        "/v.pth": (200, "application/octet-stream", body),
+    }
     with httpserver.ImageServer(routes) as srv:
         good = hashlib.sha256(body).hexdigest()
         path = fetch(srv.url("/w.pth"), good)
@@ -74,7 +77,9 @@ def test_smoke_clip_checkpoint_round_trip(tmp_path):
     torch.save(a.model.state_dict(), path)
     b = load_clip(SMOKE_CLIP, str(path), seed=2)
     np.testing.assert_allclose(encode_texts(a, ["dog"]), encode_texts(b, ["dog"]), atol=1e-6)
-    assert not np.allclose(encode_texts(load_clip(SMOKE_CLIP, None, seed=2), ["dog"]), encode_texts(a, ["dog"]))
+    assert not np.allclose(
+        encode_texts(load_clip(SMOKE_CLIP, None, seed=2), ["dog"]), encode_texts(a, ["dog"])
+    )
     with pytest.raises(WeightsUnavailable):
         load_clip("ViT-B-32", "laion2b_s34b_b79k")  # offline: a clear error, not random weights
 

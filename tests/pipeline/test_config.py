@@ -25,16 +25,26 @@ def test_unknown_key_names_file_key_and_expected(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(bad)
     msg = str(e.value)
-    assert str(bad) in msg and "masks.points_per_sid" in msg and "unknown key" in msg and "points_per_side" in msg
+    assert (
+        str(bad) in msg
+        and "masks.points_per_sid" in msg
+        and "unknown key" in msg
+        and "points_per_side" in msg
+    )
 
 
 @pytest.mark.parametrize(
     "override, needle",
-    [("masks.points_per_side=many", "masks.points_per_side"), ("labels.background=paint", "labels.background"),
-     ("output.samples_per_shard=0", "greater than or equal to 1"), ("masks.sam_model=vit_z", "unknown SAM size"),
-     ("candidates.backend=openai", "candidates.backend"), ("nonsense.key=1", "unknown key"),
-     ("candidates.prompt_templates=[\"no placeholder\"]", "{caption}"),
-     ("ray.masks.min_workers=3", "min_workers 3 > max_workers 1")],
+    [
+        ("masks.points_per_side=many", "masks.points_per_side"),
+        ("labels.background=paint", "labels.background"),
+        ("output.samples_per_shard=0", "greater than or equal to 1"),
+        ("masks.sam_model=vit_z", "unknown SAM size"),
+        ("candidates.backend=openai", "candidates.backend"),
+        ("nonsense.key=1", "unknown key"),
+        ('candidates.prompt_templates=["no placeholder"]', "{caption}"),
+        ("ray.masks.min_workers=3", "min_workers 3 > max_workers 1"),
+    ],
 )
 def test_wrong_values_are_refused_with_the_key(override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
@@ -42,16 +52,32 @@ def test_wrong_values_are_refused_with_the_key(override, needle):
 
 
 def test_set_overrides_single_keys_as_yaml():
-    cfg = load_config(SMOKE, ["masks.points_per_side=16", "filter.languages=[en, de]", "labels.clip_pretrained=null"])
-    assert cfg.masks.points_per_side == 16 and cfg.filter.languages == ["en", "de"] and cfg.labels.clip_pretrained is None
+    cfg = load_config(
+        SMOKE, ["masks.points_per_side=16", "filter.languages=[en, de]", "labels.clip_pretrained=null"]
+    )
+    assert (
+        cfg.masks.points_per_side == 16
+        and cfg.filter.languages == ["en", "de"]
+        and cfg.labels.clip_pretrained is None
+    )
 
 
 def test_config_reference_lists_every_key_and_the_readme_documents_them():
     rows = config_reference()
     keys = [r.split("`")[1] for r in rows]
-    for k in ("input.path", "output.dir", "output.samples_per_shard", "download.allow_private_hosts",
-              "download.allow_file_urls", "download.image_size", "masks.points_per_side", "candidates.backend",
-              "candidates.max_candidates", "labels.score_threshold", "ray.masks.num_gpus"):
+    for k in (
+        "input.path",
+        "output.dir",
+        "output.samples_per_shard",
+        "download.allow_private_hosts",
+        "download.allow_file_urls",
+        "download.image_size",
+        "masks.points_per_side",
+        "candidates.backend",
+        "candidates.max_candidates",
+        "labels.score_threshold",
+        "ray.masks.num_gpus",
+    ):
         assert k in keys
     readme = (REPO / "README.md").read_text()
     missing = [k for k in keys if f"`{k}`" not in readme]
@@ -101,7 +127,11 @@ def test_sample_config_without_weights_stops_with_one_clear_paragraph(tmp_path, 
     code = main(["run", str(REPO / "configs/pipeline/sample.yaml"), "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 3
-    assert "SAM vit_b" in err and "CLIP ViT-B-32/laion2b_s34b_b79k" in err and "Qwen/Qwen2.5-0.5B-Instruct" in err
+    assert (
+        "SAM vit_b" in err
+        and "CLIP ViT-B-32/laion2b_s34b_b79k" in err
+        and "Qwen/Qwen2.5-0.5B-Instruct" in err
+    )
     assert "make demo SMOKE=1" in err and "masks.sam_checkpoint" in err
     assert err.strip().count("\n") == 0  # one paragraph
     assert not (tmp_path / "run").exists()

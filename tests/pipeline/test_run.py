@@ -14,8 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
+from PIL import Image
 
 from ssam.model.format import complete_shards, iter_run_samples, validate_run
+from ssam.pipeline.cli import main
 from ssam.pipeline.config import ConfigError, load_config
 from ssam.pipeline.run import run_pipeline
 
@@ -29,7 +31,13 @@ FILES = {
     "/sixteen.png": (200, "image/png", imagefiles.png16(), b"a 16-bit ramp", "written"),
     "/alpha.png": (200, "image/png", imagefiles.rgba_png(), b"a red square", "written"),
     "/palette.png": (200, "image/png", imagefiles.palette_png(), b"a palette image", "written"),
-    "/rotated.jpg": (200, "image/jpeg", imagefiles.exif_rotated_jpeg(), b"\xff\xfe caf\xe9 not utf-8", "written"),
+    "/rotated.jpg": (
+        200,
+        "image/jpeg",
+        imagefiles.exif_rotated_jpeg(),
+        b"\xff\xfe caf\xe9 not utf-8",
+        "written",
+    ),
     "/huge-caption.jpg": (200, "image/jpeg", imagefiles.jpeg(200), b"dog " * 50_000, "written"),
     "/no-caption.jpg": (200, "image/jpeg", imagefiles.jpeg(220), b"", "written"),
     "/truncated.jpg": (200, "image/jpeg", imagefiles.truncated_jpeg(), b"a truncated file", "decode_failed"),
@@ -55,18 +63,30 @@ def served(tmp_path_factory):
         urls = [srv.url(p) for p in FILES]
         captions = [c for (_, _, _, c, _) in FILES.values()]
         expected = {srv.url(p): outcome for p, (*_, outcome) in FILES.items()}
-        extra = [("http://127.0.0.1:9/unreachable.jpg", b"nothing listens", "download_failed"),
-                 (srv.url("/photo.jpg"), b"the same url again", "duplicate_url"),
-                 ("file:///etc/passwd", b"a local file", "url_refused"),
-                 ("", b"no url", "missing_url")]
+        extra = [
+            ("http://127.0.0.1:9/unreachable.jpg", b"nothing listens", "download_failed"),
+            (srv.url("/photo.jpg"), b"the same url again", "duplicate_url"),
+            ("file:///etc/passwd", b"a local file", "url_refused"),
+            ("", b"no url", "missing_url"),
+        ]
         for url, cap, outcome in extra:
             urls.append(url)
             captions.append(cap)
             expected.setdefault(url, outcome)
         path = tmp_path_factory.mktemp("input") / "pairs.parquet"
-        pq.write_table(pa.table({"URL": urls, "TEXT": pa.array(captions, pa.binary()),
-                                 "WIDTH": [640] * len(urls), "HEIGHT": [480] * len(urls),
-                                 "NSFW": ["UNLIKELY"] * len(urls), "similarity": [0.3] * len(urls)}), path)
+        pq.write_table(
+            pa.table(
+                {
+                    "URL": urls,
+                    "TEXT": pa.array(captions, pa.binary()),
+                    "WIDTH": [640] * len(urls),
+                    "HEIGHT": [480] * len(urls),
+                    "NSFW": ["UNLIKELY"] * len(urls),
+                    "similarity": [0.3] * len(urls),
+                }
+            ),
+            path,
+        )
         yield srv, path, expected, [o for *_, o in extra]
 
 
@@ -85,8 +105,16 @@ def outcomes(run: Path) -> dict:
 
 def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_session):
     srv, path, expected, extra_outcomes = served
-    cfg = load_config(SMOKE, [f"input.path={path}", f"output.dir={tmp_path / 'run'}", "download.allow_file_urls=false",
-                              "download.timeout_s=3", "output.samples_per_shard=4"])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"input.path={path}",
+            f"output.dir={tmp_path / 'run'}",
+            "download.allow_file_urls=false",
+            "download.timeout_s=3",
+            "output.samples_per_shard=4",
+        ],
+    )
     summary = run_pipeline(cfg, log=lambda m: None)
     n = len(FILES) + len(extra_outcomes)
     t = summary.totals
@@ -108,13 +136,31 @@ def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_session)
     photo, emb = samples[dup_url]
     assert photo["candidates"][0] == {"label": "flag", "source": "caption"}
     assert photo["provenance"]["smoke"] is True and photo["provenance"]["sam"]["name"] == "smoke"
-    assert all(a["label"] == "flag" for a in photo["annotations"]) and emb.shape[0] == len(photo["annotations"])
-    reasons = {r for t in [pq.read_table(p) for p in (tmp_path / "run/shards").glob("*.failures.parquet")]
-               for r in t.column("detail").to_pylist()}
-    assert any("404" in r for r in reasons) and any("HTML" in r for r in reasons)  # img2dataset's message kept
+    assert all(a["label"] == "flag" for a in photo["annotations"]) and emb.shape[0] == len(
+        photo["annotations"]
+    )
+    reasons = {
+        r
+        for t in [pq.read_table(p) for p in (tmp_path / "run/shards").glob("*.failures.parquet")]
+        for r in t.column("detail").to_pylist()
+    }
+    assert any("404" in r for r in reasons) and any(
+        "HTML" in r for r in reasons
+    )  # img2dataset's message kept
+
+    # The overlay picture of one sample: the image, a smoke banner and the caption line.
+    key = next(k for k, m, _ in iter_run_samples(tmp_path / "run") if m["image"]["url"] == dup_url)
+    assert main(["show", str(tmp_path / "run"), "--key", key, "--out", str(tmp_path / "ov")]) == 0
+    overlay = Image.open(tmp_path / "ov" / f"{key}.png")
+    assert overlay.size == (photo["image"]["width"], photo["image"]["height"] + 28 + 24)
+    assert overlay.getpixel((3, 3)) == (200, 20, 20)  # the red "SMOKE MODELS" banner
 
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
-    assert manifest["finished"] and manifest["totals"]["input_rows"] == n and len(manifest["shards"]) == t["shards"]
+    assert (
+        manifest["finished"]
+        and manifest["totals"]["input_rows"] == n
+        and len(manifest["shards"]) == t["shards"]
+    )
 
     # Started again: nothing to do, nothing rewritten.
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run/shards").iterdir()}
@@ -123,17 +169,32 @@ def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_session)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run/shards").iterdir()} == mtimes
 
     # Same directory, different config: refused, not mixed.
-    other = load_config(SMOKE, [f"input.path={path}", f"output.dir={tmp_path / 'run'}", "masks.points_per_side=4"])
+    other = load_config(
+        SMOKE, [f"input.path={path}", f"output.dir={tmp_path / 'run'}", "masks.points_per_side=4"]
+    )
     with pytest.raises(ConfigError, match="different configuration"):
         run_pipeline(other, log=lambda m: None)
 
 
 def test_killed_run_resumes_with_the_same_keys_none_twice(tmp_path, ray_session):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ssam.pipeline.cli", "run", str(SMOKE), "--output", str(run),
-           "--input", str(REPO / "sample/pairs.parquet"), "--set", "ray.executor=local"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ssam.pipeline.cli",
+        "run",
+        str(SMOKE),
+        "--output",
+        str(run),
+        "--input",
+        str(REPO / "sample/pairs.parquet"),
+        "--set",
+        "ray.executor=local",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     deadline = time.time() + 240
     try:
         while not complete_shards(run / "shards") and time.time() < deadline and proc.poll() is None:
@@ -146,10 +207,14 @@ def test_killed_run_resumes_with_the_same_keys_none_twice(tmp_path, ray_session)
     (run / "shards" / "00002.tar").write_bytes(b"half a shard")  # as if killed while writing
     (run / "shards" / ".tmp-00002-dead").mkdir()
 
-    cfg = load_config(SMOKE, [f"output.dir={run}", f"input.path={REPO / 'sample/pairs.parquet'}"])  # Ray executor
+    cfg = load_config(
+        SMOKE, [f"output.dir={run}", f"input.path={REPO / 'sample/pairs.parquet'}"]
+    )  # Ray executor
     summary = run_pipeline(cfg, log=lambda m: None)
     assert sorted(summary.shards_written_now) == sorted(set(range(3)) - set(done_at_kill))
     keys = [k for k, _, _ in iter_run_samples(run)]
-    expected = sorted(k for p in (run / "downloads").glob("*.parquet") for k in pq.read_table(p).column("key").to_pylist())
+    expected = sorted(
+        k for p in (run / "downloads").glob("*.parquet") for k in pq.read_table(p).column("key").to_pylist()
+    )
     assert sorted(keys) == expected and len(keys) == len(set(keys)) == 12
     assert not list((run / "shards").glob(".tmp-*")) and validate_run(run) == []

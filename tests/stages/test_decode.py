@@ -78,8 +78,13 @@ def test_too_small_after_decoding():
 
 def test_decode_stage_keeps_good_rows_and_marks_bad_ones(smoke_cfg):
     stage = DecodeStage(smoke_cfg)
-    batch = {"key": ["a", "b", "c"], "image": [imagefiles.jpeg(), imagefiles.html_page(), b""],
-             "status": ["ok", "ok", "download_failed"], "fail_stage": ["", "", "download"], "fail_detail": ["", "", "404"]}
+    batch = {
+        "key": ["a", "b", "c"],
+        "image": [imagefiles.jpeg(), imagefiles.html_page(), b""],
+        "status": ["ok", "ok", "download_failed"],
+        "fail_stage": ["", "", "download"],
+        "fail_detail": ["", "", "404"],
+    }
     out = stage(batch)
     assert out["status"] == ["ok", "decode_failed", "download_failed"]
     assert out["fail_detail"][2] == "404"  # failures from earlier stages pass through untouched

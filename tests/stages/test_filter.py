@@ -51,7 +51,9 @@ def test_check_url_refuses_names_that_resolve_to_private_addresses(monkeypatch):
     from ssam.stages import filter as filter_mod
 
     answers = {"intranet.example.com": "10.0.0.5", "cdn.example.com": "93.184.216.34"}
-    monkeypatch.setattr(filter_mod.socket, "getaddrinfo", lambda host, port: [(2, 1, 6, "", (answers[host], 0))])
+    monkeypatch.setattr(
+        filter_mod.socket, "getaddrinfo", lambda host, port: [(2, 1, 6, "", (answers[host], 0))]
+    )
     filter_mod._host_addresses.cache_clear()
     reason, detail = check_url("http://intranet.example.com/a.jpg", False, False, resolve_hosts=True)
     assert reason == "url_refused" and "10.0.0.5" in detail
@@ -66,8 +68,15 @@ def test_filter_stage_marks_every_rejected_row_with_its_reason(smoke_cfg):
     smoke_cfg.filter.require_caption = True
     stage = FilterStage(smoke_cfg)
     rows = {
-        "url": ["http://8.8.8.8/1.jpg", "http://8.8.8.8/2.jpg", "http://8.8.8.8/3.jpg", "http://8.8.8.8/4.jpg",
-                "http://8.8.8.8/1.jpg", "http://8.8.8.8/6.jpg", "http://8.8.8.8/7.jpg"],
+        "url": [
+            "http://8.8.8.8/1.jpg",
+            "http://8.8.8.8/2.jpg",
+            "http://8.8.8.8/3.jpg",
+            "http://8.8.8.8/4.jpg",
+            "http://8.8.8.8/1.jpg",
+            "http://8.8.8.8/6.jpg",
+            "http://8.8.8.8/7.jpg",
+        ],
         "caption": ["a dog", "a cat", "a car", "<p> </p>", "a dog", "a bus", "a hat"],
         "width": [640, 50, 640, 640, 640, 640, 640],
         "height": [480, 480, 480, 480, 480, 480, 480],
@@ -76,6 +85,14 @@ def test_filter_stage_marks_every_rejected_row_with_its_reason(smoke_cfg):
         "language": [None] * 7,
     }
     out = stage(rows)
-    assert out["status"] == ["ok", "too_small", "nsfw", "empty_caption", "duplicate_url", "low_similarity", "ok"]
-    assert all(s == "filter" for s, st in zip(out["fail_stage"], out["status"]) if st != "ok")
+    assert out["status"] == [
+        "ok",
+        "too_small",
+        "nsfw",
+        "empty_caption",
+        "duplicate_url",
+        "low_similarity",
+        "ok",
+    ]
+    assert all(s == "filter" for s, st in zip(out["fail_stage"], out["status"], strict=True) if st != "ok")
     assert out["caption"][3] == ""

@@ -15,14 +15,21 @@ from ssam.stages.masks import MaskStage, image_from_jpeg
 
 def _rows(jpegs, candidates=None):
     n = len(jpegs)
-    return {"key": [f"{i:04d}" for i in range(n)], "jpeg": jpegs, "status": ["ok"] * n, "fail_stage": [""] * n,
-            "fail_detail": [""] * n, "candidates_json": [json.dumps(c) for c in (candidates or [[]] * n)]}
+    return {
+        "key": [f"{i:04d}" for i in range(n)],
+        "jpeg": jpegs,
+        "status": ["ok"] * n,
+        "fail_stage": [""] * n,
+        "fail_detail": [""] * n,
+        "candidates_json": [json.dumps(c) for c in (candidates or [[]] * n)],
+    }
 
 
 @pytest.fixture(scope="module")
 def mask_stage():
-    from ssam.pipeline.config import load_config
     from conftest import REPO
+
+    from ssam.pipeline.config import load_config
 
     cfg = load_config(REPO / "configs/pipeline/smoke.yaml", ["output.dir=/tmp/unused"])
     return MaskStage(cfg)
@@ -39,10 +46,14 @@ def test_masks_on_a_real_photo_are_valid_sa1b_annotations(mask_stage):
     ious = [a["predicted_iou"] for a in anns]
     assert ious == sorted(ious, reverse=True)
     for a in anns:
-        m = mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+        m = mask_utils.decode(
+            {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+        )
         assert m.shape == (h, w) and int(m.sum()) == a["area"] > 0
         ys, xs = np.nonzero(m)
-        assert a["bbox"][0] == pytest.approx(xs.min(), abs=1) and a["bbox"][1] == pytest.approx(ys.min(), abs=1)
+        assert a["bbox"][0] == pytest.approx(xs.min(), abs=1) and a["bbox"][1] == pytest.approx(
+            ys.min(), abs=1
+        )
     assert out["annotations_json"][0] == out["annotations_json"][1]  # batched = deterministic per image
 
 
@@ -52,7 +63,7 @@ def test_batched_encoder_features_equal_segment_anythings_own(mask_stage):
     images = [image_from_jpeg(imagefiles.jpeg(s)) for s in (300, 200, 260)]
     batched = mask_stage.embed(images)
     ref = SamPredictor(mask_stage.sam)
-    for im, (feats, size) in zip(images, batched):
+    for im, (feats, size) in zip(images, batched, strict=True):
         ref.set_image(im)
         assert tuple(ref.input_size) == size
         torch.testing.assert_close(feats, ref.features, atol=1e-4, rtol=1e-4)
@@ -75,7 +86,9 @@ def test_choose_labels_thresholds_margin_and_background():
     assert picks[0][0] == "car" and picks[0][1] == pytest.approx(0.7)
     assert picks[0][2] == [{"label": "car", "score": 0.7}, {"label": "wheel", "score": 0.2}]
     assert picks[1][0] is None  # runner-up too close
-    assert picks[2][0] is None and picks[2][2][0]["label"] == "wheel"  # background won; topk has candidates only
+    assert (
+        picks[2][0] is None and picks[2][2][0]["label"] == "wheel"
+    )  # background won; topk has candidates only
     assert picks[3][0] is None  # below the score threshold
 
 
@@ -91,8 +104,12 @@ def test_crop_dims_outside_the_mask_only():
 def test_label_stage_names_masks_from_candidates_with_embeddings(smoke_cfg, mask_stage):
     stage = LabelStage(smoke_cfg)
     jpeg = imagefiles.jpeg(240)
-    batch = mask_stage(_rows([jpeg, jpeg], [[{"label": "astronaut", "source": "caption"},
-                                             {"label": "flag", "source": "llm"}], []]))
+    batch = mask_stage(
+        _rows(
+            [jpeg, jpeg],
+            [[{"label": "astronaut", "source": "caption"}, {"label": "flag", "source": "llm"}], []],
+        )
+    )
     out = stage(batch)
     assert out["status"] == ["ok", "ok"]
     anns, anns_none = json.loads(out["annotations_json"][0]), json.loads(out["annotations_json"][1])
@@ -101,9 +118,18 @@ def test_label_stage_names_masks_from_candidates_with_embeddings(smoke_cfg, mask
     emb = np.load(io.BytesIO(out["emb"][0]))
     assert emb.dtype == np.float16 and emb.shape == (len(anns), stage.clip.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=1e-2)
-    meta = {"image": {"image_id": 0, "key": "0000", "file_name": "0000.jpg", "width": Image.open(io.BytesIO(jpeg)).size[0],
-                      "height": Image.open(io.BytesIO(jpeg)).size[1]}, "candidates": [], "annotations": anns,
-            "provenance": {"smoke": True}}
+    meta = {
+        "image": {
+            "image_id": 0,
+            "key": "0000",
+            "file_name": "0000.jpg",
+            "width": Image.open(io.BytesIO(jpeg)).size[0],
+            "height": Image.open(io.BytesIO(jpeg)).size[1],
+        },
+        "candidates": [],
+        "annotations": anns,
+        "provenance": {"smoke": True},
+    }
     assert validate_sample(meta, emb) == []
 
 
