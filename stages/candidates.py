@@ -13,12 +13,10 @@ import json
 import re
 import time
 from functools import lru_cache
-from importlib import resources
+
+from ssam.model.vocab import load_vocabulary
 
 from .common import map_rows, ok_indices, record_time, to_lists
-
-BUNDLED_VOCABS = {"lvis": "lvis_v1.txt", "coco": "coco.txt", "objects365": "objects365_v2.txt",
-                  "ade20k": "ade20k_instance.txt"}  # fmt: skip
 
 PROMPT_TEMPLATES = (
     'A photo has the caption "{caption}". List the physical objects that are probably visible in it '
@@ -86,21 +84,6 @@ def parse_llm_output(text: str, max_words: int = 4) -> list[str]:
             seen.add(phrase)
             out.append(phrase)
     return out
-
-
-def load_vocabulary(spec: str | list[str]) -> list[str]:
-    """Class names from a bundled vocabulary name, a text file (one per line), or a list."""
-    if isinstance(spec, list):
-        names = spec
-    elif spec in BUNDLED_VOCABS:
-        names = (resources.files("ssam.model") / "vocab" / BUNDLED_VOCABS[spec]).read_text().splitlines()
-    else:
-        with open(spec, encoding="utf-8") as f:
-            names = f.read().splitlines()
-    names = [n.strip().replace("_", " ").lower() for n in names if n.strip()]
-    if not names:
-        raise ValueError(f"vocabulary {spec!r} is empty")
-    return list(dict.fromkeys(names))
 
 
 class VocabularyMatcher:

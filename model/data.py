@@ -1,0 +1,228 @@
+"""Training data: our shards and SA-1B tars, streamed, mixed by weight, turned into prompts and targets.
+
+Everything is read through :mod:`ssam.model.format`. Nothing is loaded whole: each source walks
+its tars one sample at a time, in a shard order reshuffled every epoch from ``(seed, epoch)``.
+A source's position ``(epoch, shard, sample)`` and the mixing generator's state are part of every
+checkpoint, so a resumed run sees exactly the samples the uninterrupted run would have.
+
+Bad data is counted, reported with its key, and skipped: a missing or truncated tar, a JSON that
+breaks the format, an image that does not decode. More than ``data.max_bad_fraction`` of bad
+samples aborts with :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .format import decode_sample, iter_tar_samples, validate_sample
+from .overlay import decode_rle
+
+log = logging.getLogger("ssam.train")
+
+
+class DataError(RuntimeError):
+    """Too much of the training data is bad, or there is none."""
+
+
+def resolve_tars(specs: list[str]) -> list[Path]:
+    """Tar files named by files, folders (complete shards only, when stats files exist) or globs."""
+    out: list[Path] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            tars = sorted(p.glob("*.tar"))
+            done = [t for t in tars if (t.parent / f"{t.stem}.stats.json").exists()]
+            out += done if done else tars
+        elif any(ch in spec for ch in "*?["):
+            out += [Path(x) for x in sorted(glob.glob(str(p)))]
+        else:
+            out.append(p)  # a missing file is reported (and counted bad) when it is read
+    return out
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: np.ndarray  # HxWx3 uint8
+    meta: dict
+    emb: np.ndarray | None
+    source: str
+
+
+class BadDataCounter:
+    """Counts good and bad samples across sources; raises when the bad fraction passes the limit."""
+
+    def __init__(self, max_bad_fraction: float, min_seen: int = 20):
+        self.good = self.bad = 0
+        self.max_bad, self.min_seen = max_bad_fraction, min_seen
+        self.examples: list[str] = []
+
+    def add_bad(self, what: str) -> None:
+        self.bad += 1
+        if len(self.examples) < 20:
+            self.examples.append(what)
+        log.warning("skipped bad training data: %s", what)
+        seen = self.good + self.bad
+        if seen >= self.min_seen and self.bad / seen > self.max_bad:
+            raise DataError(
+                f"{self.bad} of {seen} samples are bad (limit {self.max_bad:.0%}); first: {self.examples[:5]}"
+            )
+
+
+class TarSource:
+    """One source's samples, forever, resumable. Worker ``rank`` of ``world`` sees its own part."""
+
+    def __init__(
+        self, name: str, tars: list[Path], seed: int, counter: BadDataCounter, rank: int = 0, world: int = 1
+    ):
+        if not tars:
+            raise DataError(f"data source '{name}' has no tar files")
+        self.name, self.all_tars, self.seed, self.counter = name, tars, seed, counter
+        self.rank, self.world = rank, world
+        self.epoch, self.shard, self.sample = 0, 0, 0
+        self._it = None
+
+    def _order(self) -> list[Path]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        tars = [self.all_tars[i] for i in torch.randperm(len(self.all_tars), generator=g).tolist()]
+        return tars[self.rank :: self.world] if len(tars) >= self.world else tars
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.shard, self.sample = state["epoch"], state["shard"], state["sample"]
+        self._it = None
+
+    def _samples(self):
+        """From the current position on: (index in shard, raw tar sample)."""
+        while True:
+            order = self._order()
+            while self.shard < len(order):
+                tar, skip = order[self.shard], self.sample
+                try:
+                    for i, raw in enumerate(iter_tar_samples(tar)):
+                        if i >= skip:
+                            yield i, raw
+                except (OSError, tarfile.TarError) as e:
+                    self.counter.add_bad(f"{tar}: unreadable tar ({type(e).__name__}: {e})")
+                self.shard, self.sample = self.shard + 1, 0
+            self.epoch, self.shard = self.epoch + 1, 0
+
+    def next(self) -> RawSample:
+        if self._it is None:
+            self._it = self._samples()
+        for i, raw in self._it:
+            self.sample = i + 1
+            if len(self.all_tars) < self.world and i % self.world != self.rank:
+                continue
+            sample = self._decode(raw)
+            if sample is not None:
+                self.counter.good += 1
+                return sample
+        raise DataError(f"source {self.name} ended")  # unreachable: the generator cycles
+
+    def _decode(self, raw: dict) -> RawSample | None:
+        key = raw.get("__key__", "?")
+        try:
+            meta, emb = decode_sample(raw)
+            errs = validate_sample(meta, emb, labelled=self.name == "ours")
+            if errs:
+                raise ValueError(errs[0])
+            jpg = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
+            image = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
+            if image.shape[:2] != (int(meta["image"]["height"]), int(meta["image"]["width"])):
+                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, JSON says "
+                                 f"{meta['image']['width']}x{meta['image']['height']}")  # fmt: skip
+        except Exception as e:  # noqa: BLE001 -- any failure of one sample is counted, not fatal
+            self.counter.add_bad(f"{self.name}:{key}: {type(e).__name__}: {e}")
+            return None
+        return RawSample(key, image, meta, emb, self.name)
+
+
+class MixedSource:
+    """Picks a source per sample with probability proportional to ``mix`` (a checkpointed generator)."""
+
+    def __init__(self, sources: dict[str, TarSource], mix: dict[str, float], seed: int):
+        self.sources = {k: v for k, v in sources.items() if mix.get(k, 0) > 0}
+        if not self.sources:
+            raise DataError("no data: data.shards and data.sa1b are empty or weighted 0")
+        self.names = list(self.sources)
+        self.weights = torch.tensor([mix[n] for n in self.names], dtype=torch.float64)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def next(self) -> RawSample:
+        i = int(torch.multinomial(self.weights, 1, generator=self.g))
+        return self.sources[self.names[i]].next()
+
+    def state(self) -> dict:
+        return {"generator": self.g.get_state(), "sources": {n: s.state() for n, s in self.sources.items()}}
+
+    def load_state(self, state: dict) -> None:
+        self.g.set_state(state["generator"])
+        for n, s in state["sources"].items():
+            if n in self.sources:
+                self.sources[n].load_state(s)
+
+
+@dataclass
+class Example:
+    """One image prepared for the model: inputs in the padded ``S x S`` frame, low-res targets."""
+
+    image: torch.Tensor  # 3xSxS float, normalised and padded (SAM's preprocess)
+    boxes_xyxy: torch.Tensor  # Mx4 in the input frame
+    points_xy: torch.Tensor  # Mx2 in the input frame
+    use_box: torch.Tensor  # M bool
+    target_masks: torch.Tensor  # MxLxL float {0,1}, L = low-res side
+    labels: list[str | None]
+    crop_emb: torch.Tensor | None  # MxD float32 (our shards) or None
+    key: str
+
+
+def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Example | None:
+    """Resize to the model's input, pick up to ``masks_per_image`` masks, sample a prompt for each."""
+    size = model.image_encoder.img_size
+    resize = ResizeLongestSide(size)
+    img = resize.apply_image(sample.image)
+    h, w = img.shape[:2]
+    image = model.preprocess(torch.as_tensor(img).permute(2, 0, 1).float()[None])[0]
+    anns = [(i, a) for i, a in enumerate(sample.meta["annotations"]) if a["area"] >= cfg.min_mask_area]
+    if not anns:
+        return None
+    pick = torch.randperm(len(anns), generator=g)[: cfg.masks_per_image].tolist()
+    low = size // 4
+    boxes, points, masks, labels, rows = [], [], [], [], []
+    for j in pick:
+        i, ann = anns[j]
+        m = torch.from_numpy(decode_rle(ann["segmentation"])).float()[None, None]
+        m = F.interpolate(m, size=(h, w), mode="nearest")[0, 0]
+        ys, xs = torch.nonzero(m > 0.5, as_tuple=True)
+        if len(ys) == 0:
+            continue
+        k = int(torch.randint(len(ys), (1,), generator=g))
+        points.append([float(xs[k]) + 0.5, float(ys[k]) + 0.5])
+        x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1
+        jit = (torch.rand(4, generator=g) * 2 - 1) * cfg.box_jitter * torch.tensor([x1 - x0, y1 - y0] * 2)
+        boxes.append([max(0.0, x0 + jit[0].item()), max(0.0, y0 + jit[1].item()),
+                      min(float(w), x1 + jit[2].item()), min(float(h), y1 + jit[3].item())])  # fmt: skip
+        padded = F.pad(m, (0, size - w, 0, size - h))
+        masks.append(F.interpolate(padded[None, None], size=(low, low), mode="area")[0, 0].gt(0.5).float())
+        labels.append(ann.get("label"))
+        rows.append(i)
+    if not masks:
+        return None
+    n = len(masks)
+    emb = torch.from_numpy(sample.emb[rows].astype(np.float32)) if sample.emb is not None else None
+    return Example(image, torch.tensor(boxes), torch.tensor(points), torch.rand(n, generator=g) < cfg.box_prompt_prob,
+                   torch.stack(masks), labels, emb, sample.key)  # fmt: skip

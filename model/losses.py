@@ -1,0 +1,68 @@
+"""Losses of Semantic-SAM training.
+
+Masks: SAM's recipe -- focal + dice (20:1) per multimask output, only the lowest-loss output is
+trained, and MSE between each output's predicted IoU and its real IoU. Semantics, for labelled
+masks only: a contrastive loss between the chosen output's semantic embedding and the CLIP text
+embeddings of the labels in the batch (cross-entropy over the *distinct* labels, so two masks of
+the same label are positives of one class, never negatives of each other), and MSE between the
+predicted cosine score and CLIP's cosine of the mask crop with its label.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+
+def dice_loss(logits_mhw: torch.Tensor, target_mhw: torch.Tensor) -> torch.Tensor:
+    """Per-mask soft dice loss, ``[M]``."""
+    p = logits_mhw.sigmoid().flatten(1)
+    t = target_mhw.flatten(1)
+    return 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+
+
+def mask_iou(logits_mhw: torch.Tensor, target_mhw: torch.Tensor) -> torch.Tensor:
+    """IoU of the binarised prediction with the target, per mask, ``[M]`` (no gradient)."""
+    p = (logits_mhw > 0).flatten(1).float()
+    t = target_mhw.flatten(1)
+    inter = (p * t).sum(1)
+    return inter / (p.sum(1) + t.sum(1) - inter).clamp(min=1)
+
+
+def mask_losses(masks_mkhw: torch.Tensor, iou_pred_mk: torch.Tensor, target_mhw: torch.Tensor,
+                focal_w: float, dice_w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Lowest-loss-output mask loss, IoU-head loss, the chosen output index ``[M]`` and its IoU ``[M]``."""
+    m, k = masks_mkhw.shape[:2]
+    target = target_mhw[:, None].expand(-1, k, -1, -1)
+    focal = sigmoid_focal_loss(masks_mkhw, target, reduction="none").flatten(2).mean(2)  # (M, K)
+    dice = dice_loss(masks_mkhw.flatten(0, 1), target.flatten(0, 1)).view(m, k)
+    per_output = focal_w * focal + dice_w * dice
+    best = per_output.argmin(1)
+    with torch.no_grad():
+        ious = mask_iou(masks_mkhw.flatten(0, 1), target.flatten(0, 1)).view(m, k)
+    iou_loss = F.mse_loss(iou_pred_mk, ious)
+    chosen = per_output.gather(1, best[:, None]).mean()
+    return chosen, iou_loss, best, ious.gather(1, best[:, None])[:, 0]
+
+
+def semantic_losses(sem_md: torch.Tensor, score_m: torch.Tensor, labels: list[str], text_ld: torch.Tensor,
+                    label_index: dict[str, int], logit_scale: torch.Tensor,
+                    crop_emb_md: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Contrastive loss, score loss and label accuracy for M labelled masks.
+
+    Args:
+        sem_md: unit semantic embeddings of the chosen outputs. score_m: their predicted cosines.
+        labels: the M label strings. text_ld: unit text embeddings of the batch's distinct labels.
+        label_index: label -> row of ``text_ld``. logit_scale: log temperature (learned).
+        crop_emb_md: CLIP crop embeddings (rows of KEY.emb.npy); NaN rows or None: no score target.
+    """
+    target = torch.tensor([label_index[lab] for lab in labels], device=sem_md.device)
+    logits = logit_scale.exp().clamp(max=100) * sem_md @ text_ld.T
+    contrastive = F.cross_entropy(logits, target)
+    accuracy = (logits.argmax(1) == target).float().mean()
+    have = torch.isfinite(crop_emb_md).all(1) if crop_emb_md is not None else None
+    if have is None or not bool(have.any()):
+        return contrastive, torch.zeros((), device=sem_md.device), accuracy
+    cos = (F.normalize(crop_emb_md[have], dim=-1) * text_ld[target[have]]).sum(-1)
+    return contrastive, F.mse_loss(score_m[have], cos), accuracy

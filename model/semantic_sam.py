@@ -1,0 +1,224 @@
+"""Semantic-SAM: SAM plus semantic tokens whose output lives in CLIP's text-embedding space.
+
+The image encoder, prompt encoder and two-way transformer are segment-anything's own. The mask
+decoder is SAM's (same parameter names, so an official ``sam_vit_*.pth`` fills it) with two
+additions in its token sequence::
+
+    [iou token | 4 mask tokens | 4 semantic tokens | score token | prompt tokens]
+
+Semantic token ``i`` goes through an MLP head into the CLIP text-embedding space (L2-normalised):
+the name of mask ``i``. The score token predicts the cosine between that mask's CLIP crop
+embedding and its label's text embedding: how nameable the mask is. A learned temperature
+(``logit_scale``, CLIP-style) scales cosine logits for the contrastive loss and prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, Sam
+from segment_anything.modeling.mask_decoder import MLP
+from torch import nn
+
+from .sam import build_sam_modules, get_sam_size
+
+CHECKPOINT_FORMAT = "ssam-semantic-sam"
+CHECKPOINT_VERSION = 1
+
+
+class SemanticMaskDecoder(MaskDecoder):
+    """SAM's mask decoder plus semantic tokens, a score token and their heads."""
+
+    def __init__(self, *, transformer_dim: int, transformer: nn.Module, clip_dim: int, num_multimask_outputs: int = 3,
+                 iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, semantic_head_depth: int = 3):  # fmt: skip
+        super().__init__(transformer_dim=transformer_dim, transformer=transformer,
+                         num_multimask_outputs=num_multimask_outputs, iou_head_depth=iou_head_depth,
+                         iou_head_hidden_dim=iou_head_hidden_dim)  # fmt: skip
+        self.semantic_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.score_token = nn.Embedding(1, transformer_dim)
+        self.semantic_head = MLP(transformer_dim, transformer_dim, clip_dim, semantic_head_depth)
+        self.score_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+
+    def predict_all(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                    dense: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """All four outputs for P prompts.
+
+        Args:
+            image_embeddings: ``PxCxhxw`` (one row per prompt) or ``1xCxhxw`` (shared).
+            image_pe: ``1xCxhxw``; sparse: ``PxNxC``; dense: ``PxCxhxw``.
+
+        Returns:
+            masks ``Px4xHxW`` (low-res logits), iou ``Px4``, semantic ``Px4xD`` (unit norm),
+            score ``Px4`` (predicted cosine).
+        """
+        k = self.num_mask_tokens
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.semantic_tokens.weight,
+                                self.score_token.weight], dim=0)  # fmt: skip
+        tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+        src = (
+            image_embeddings.expand(tokens.shape[0], -1, -1, -1)
+            if image_embeddings.shape[0] == 1
+            else image_embeddings
+        )
+        src = src + dense
+        pos = image_pe.expand(tokens.shape[0], -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = self.transformer(src, pos, tokens)  # hs: (P, tokens, C)
+        iou_out, mask_out = hs[:, 0], hs[:, 1 : 1 + k]
+        sem_out, score_out = hs[:, 1 + k : 1 + 2 * k], hs[:, 1 + 2 * k]
+        up = self.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+        hyper = torch.stack([self.output_hypernetworks_mlps[i](mask_out[:, i]) for i in range(k)], dim=1)
+        bu, cu, hu, wu = up.shape
+        masks = (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu)
+        semantic = F.normalize(self.semantic_head(sem_out), dim=-1)
+        return masks, self.iou_prediction_head(iou_out), semantic, self.score_head(score_out)
+
+
+@dataclass(frozen=True)
+class SemanticSamConfig:
+    """What a checkpoint needs to rebuild the model."""
+
+    sam_size: str  # a registered SAM size: vit_h, vit_l, vit_b, smoke
+    clip_dim: int  # CLIP text-embedding width of the label space
+
+
+class SemanticSam(Sam):
+    """segment-anything's ``Sam`` with a :class:`SemanticMaskDecoder` and a learned temperature."""
+
+    def __init__(
+        self, config: SemanticSamConfig, image_encoder, prompt_encoder, mask_decoder: SemanticMaskDecoder
+    ):
+        super().__init__(image_encoder=image_encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder,
+                         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])  # fmt: skip
+        self.config = config
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def embed_images(self, images_bchw: torch.Tensor) -> torch.Tensor:
+        """Normalised, padded ``Bx3xSxS`` images -> image-encoder features ``BxCxhxw``."""
+        return self.image_encoder(images_bchw)
+
+    def decode(self, features_1chw: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """Outputs for P prompts on one image (points ``PxNx2`` + labels ``PxN``, or boxes ``Px4`` XYXY,
+        in the padded input frame). Returns :meth:`SemanticMaskDecoder.predict_all`'s four tensors."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        return self.mask_decoder.predict_all(features_1chw, self.prompt_encoder.get_dense_pe(), sparse, dense)
+
+    def forward(
+        self, images_bchw: torch.Tensor, prompts: list[tuple[torch.Tensor | None, torch.Tensor | None]]
+    ):
+        """Training/inference entry (what DDP wraps): features once per image, then its prompts.
+
+        Args:
+            images_bchw: preprocessed images.
+            prompts: per image ``(boxes Px4 XYXY or None, points Qx2 or None)`` in the input frame.
+
+        Returns:
+            Per image, the four outputs of :meth:`SemanticMaskDecoder.predict_all` for its boxes
+            followed by its points (``P + Q`` rows).
+        """
+        if any(p.requires_grad for p in self.image_encoder.parameters()):
+            feats = self.image_encoder(images_bchw)
+        else:
+            with torch.no_grad():
+                feats = self.image_encoder(images_bchw)
+        results = []
+        for b, (boxes, points) in enumerate(prompts):
+            parts = []
+            if boxes is not None and len(boxes):
+                parts.append(self.decode(feats[b : b + 1], boxes=boxes))
+            if points is not None and len(points):
+                labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
+                parts.append(self.decode(feats[b : b + 1], points=(points[:, None, :], labels)))
+            results.append(tuple(torch.cat(t, 0) for t in zip(*parts, strict=True)))
+        return results
+
+    @staticmethod
+    def new_parameter_names(model: SemanticSam) -> set[str]:
+        """Parameters that SAM does not have (what a SAM checkpoint leaves missing)."""
+        return {n for n, _ in model.named_parameters()
+                if n == "logit_scale" or n.split(".")[1] in ("semantic_tokens", "score_token", "semantic_head", "score_head")}  # fmt: skip
+
+
+def build_semantic_sam(sam_size: str, clip_dim: int, seed: int = 0) -> SemanticSam:
+    """A Semantic-SAM of a registered SAM size with seeded random weights."""
+    size = get_sam_size(sam_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder, prompt, transformer = build_sam_modules(size)
+        decoder = SemanticMaskDecoder(transformer_dim=size.prompt_dim, transformer=transformer, clip_dim=clip_dim,
+                                      iou_head_hidden_dim=size.iou_hidden_dim)  # fmt: skip
+        return SemanticSam(SemanticSamConfig(sam_size, clip_dim), encoder, prompt, decoder)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is of the wrong kind or size; the message names the file and the keys."""
+
+
+def load_sam_weights(model: SemanticSam, state: dict[str, torch.Tensor], source: str) -> set[str]:
+    """Load an official SAM state dict; return the missing keys, which must be exactly the new ones.
+
+    Raises:
+        CheckpointError: unexpected keys, other missing keys, or shape mismatches, by name.
+    """
+    own = model.state_dict()
+    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    if mismatched:
+        details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:5])
+        raise CheckpointError(
+            f"{source}: shapes do not match this model ({model.config.sam_size}): {details}"
+        )
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
+    expected_missing = SemanticSam.new_parameter_names(model)
+    if unexpected or missing != expected_missing:
+        raise CheckpointError(f"{source}: not a SAM {model.config.sam_size} checkpoint; unexpected keys "
+                              f"{sorted(unexpected)[:8]}, missing SAM keys {sorted(missing - expected_missing)[:8]}")  # fmt: skip
+    return missing
+
+
+def save_model(path, model: SemanticSam, clip_info: dict, extra: dict | None = None) -> None:
+    """Write ``{format, version, model_config, clip, state_dict, ...}`` atomically (temp + rename)."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_config": asdict(model.config),
+               "clip": dict(clip_info), "state_dict": model.state_dict(), **(extra or {})}  # fmt: skip
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path) -> dict:
+    """Load one of our checkpoints with ``weights_only=True``; refuse anything else by name."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt or unsafe files
+        raise CheckpointError(
+            f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        kind = "a SAM state dict (use it as model.sam_checkpoint to initialise training)" if isinstance(payload, dict) \
+            and any(k.startswith("image_encoder.") for k in payload) else "not a Semantic-SAM checkpoint"  # fmt: skip
+        raise CheckpointError(f"{path}: {kind}")
+    return payload
+
+
+def load_model(path, device: str = "cpu") -> tuple[SemanticSam, dict]:
+    """Rebuild a Semantic-SAM from one of our checkpoints; return it and the checkpoint payload."""
+    payload = read_checkpoint(path)
+    cfg = payload["model_config"]
+    model = build_semantic_sam(cfg["sam_size"], cfg["clip_dim"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit a {cfg['sam_size']} model: {str(e)[:300]}") from e
+    return model.to(device).eval(), payload

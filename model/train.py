@@ -1,0 +1,304 @@
+"""``ssam-train``: train Semantic-SAM on our shards mixed with SA-1B.
+
+    ssam-train configs/train/smoke.yaml --shards runs/smoke/shards --output runs/train-smoke
+    ssam-train configs/train/smoke.yaml --shards runs/smoke/shards --output runs/train-smoke --resume
+    ssam-train configs/train/vit_b.yaml --shards '/data/runs/laion/shards' --sa1b '/data/sa1b/*.tar' \\
+        --output /data/train/vit_b --num-workers 8 --use-gpu          # Ray Train, data-parallel
+
+Outputs in ``--output``: ``checkpoints/last.pt`` (what ``--resume`` reads: model, optimizer,
+scheduler, RNG and data position), ``model.pt`` (the final model, what ``ssam-predict`` loads),
+``metrics.jsonl``, ``tb/`` (TensorBoard), ``text_embeddings.pt`` (the label cache).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .data import BadDataCounter, MixedSource, TarSource, prepare_example, resolve_tars
+from .losses import mask_losses, semantic_losses
+from .semantic_sam import build_semantic_sam, load_model, load_sam_weights, read_checkpoint, save_model
+from .train_config import TrainConfig
+
+
+class TextEmbeddings:
+    """CLIP text embeddings of labels, computed once per label and kept on disk between runs."""
+
+    def __init__(self, clip_bundle, path: Path | None):
+        self.clip, self.path = clip_bundle, path
+        self.table: dict[str, torch.Tensor] = {}
+        if path is not None and path.exists():
+            self.table = torch.load(path, map_location="cpu", weights_only=True)
+
+    def get(self, labels: list[str]) -> torch.Tensor:
+        from .clip import encode_texts
+
+        missing = [lab for lab in dict.fromkeys(labels) if lab not in self.table]
+        if missing:
+            self.table.update(zip(missing, torch.from_numpy(encode_texts(self.clip, missing)), strict=True))
+        return torch.stack([self.table[lab] for lab in labels])
+
+    def save(self) -> None:
+        if self.path is not None:
+            tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+            torch.save(self.table, tmp)
+            os.replace(tmp, self.path)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to 1, then cosine decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class Trainer:
+    """One training process (or one Ray Train worker, ``rank`` of ``world``)."""
+
+    def __init__(self, cfg: TrainConfig, output: Path, rank: int = 0, world: int = 1, wrap=None, device=None):
+        from .clip import load_clip
+
+        self.cfg, self.output, self.rank, self.world = cfg, Path(output), rank, world
+        t = cfg.train
+        self.device = torch.device(
+            device or (t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        )
+        torch.manual_seed(cfg.seed + rank)
+        m = cfg.model
+        self.clip = load_clip(m.clip_model, m.clip_pretrained, seed=m.seed, device="cpu")
+        self.clip_info = dict(self.clip.provenance)
+        self.core = self._build_model().to(self.device)
+        for name in t.freeze:
+            for p in getattr(self.core, name).parameters():
+                p.requires_grad_(False)
+        self.net = wrap(self.core) if wrap else self.core
+        params = [p for p in self.core.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, t.max_steps))
+        self.counter = BadDataCounter(cfg.data.max_bad_fraction)
+        sources = {}
+        if cfg.data.shards:
+            sources["ours"] = TarSource(
+                "ours", resolve_tars(cfg.data.shards), cfg.seed, self.counter, rank, world
+            )
+        if cfg.data.sa1b:
+            sources["sa1b"] = TarSource(
+                "sa1b", resolve_tars(cfg.data.sa1b), cfg.seed + 1, self.counter, rank, world
+            )
+        self.data = MixedSource(sources, cfg.data.mix, cfg.seed + 7 * rank)
+        self.g = torch.Generator().manual_seed(cfg.seed * 31 + rank)
+        self.text = TextEmbeddings(self.clip, self.output / "text_embeddings.pt" if rank == 0 else None)
+        self.step = 0
+
+    def _build_model(self):
+        m = self.cfg.model
+        if m.init_checkpoint:
+            model, payload = load_model(m.init_checkpoint)
+            if payload["model_config"]["clip_dim"] != self.clip.embed_dim:
+                raise ValueError(f"{m.init_checkpoint}: label space is {payload['model_config']['clip_dim']}-d, "
+                                 f"CLIP {m.clip_model} is {self.clip.embed_dim}-d")  # fmt: skip
+            return model.train()
+        model = build_semantic_sam(m.size, self.clip.embed_dim, seed=m.seed)
+        from .sam import resolve_sam_checkpoint
+
+        path = resolve_sam_checkpoint(m.size, m.sam_checkpoint)
+        if path is not None:
+            load_sam_weights(model, torch.load(path, map_location="cpu", weights_only=True), path)
+        return model.train()
+
+    # ------------------------------------------------------------------------------------------
+
+    def _batch(self):
+        examples = []
+        while len(examples) < self.cfg.train.batch_size:
+            ex = prepare_example(self.data.next(), self.core, self.cfg.data, self.g)
+            if ex is not None:
+                examples.append(ex)
+        return examples
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @staticmethod
+    def _crop_embeddings(examples, order, dim: int) -> torch.Tensor:
+        """CLIP crop embeddings of all targets in output order; NaN rows where a sample has none
+        (SA-1B, or a shard written by a CLIP of another width)."""
+        rows = []
+        for e, o in zip(examples, order, strict=True):
+            ok = e.crop_emb is not None and e.crop_emb.shape[1] == dim
+            rows.append(e.crop_emb[o] if ok else torch.full((len(o), dim), float("nan")))
+        return torch.cat(rows)
+
+    def train_step(self) -> dict:
+        """One optimizer step on one batch; returns its metrics."""
+        t, dev = self.cfg.train, self.device
+        examples = self._batch()
+        images = torch.stack([e.image for e in examples]).to(dev)
+        prompts, order = [], []
+        for e in examples:
+            box_idx, pt_idx = torch.nonzero(e.use_box).flatten(), torch.nonzero(~e.use_box).flatten()
+            prompts.append((e.boxes_xyxy[box_idx].to(dev), e.points_xy[pt_idx].to(dev)))
+            order.append(torch.cat([box_idx, pt_idx]))
+        with self._autocast():
+            outputs = self.net(images, prompts)
+        # Outputs come boxes first, then points: put the targets in the same order.
+        masks = torch.cat([o[0][:, 1:] for o in outputs]).float()  # multimask outputs 1..3
+        ious, sems, scores = (torch.cat([o[i][:, 1:] for o in outputs]).float() for i in (1, 2, 3))
+        targets = torch.cat([e.target_masks[o] for e, o in zip(examples, order, strict=True)]).to(dev)
+        labels = [e.labels[i] for e, o in zip(examples, order, strict=True) for i in o.tolist()]
+        mask_loss, iou_loss, best, best_iou = mask_losses(masks, ious, targets, t.focal_weight, t.dice_weight)
+        loss = mask_loss + t.iou_weight * iou_loss
+        metrics = {
+            "mask_loss": mask_loss.item(),
+            "iou_loss": iou_loss.item(),
+            "mask_iou": best_iou.mean().item(),
+        }
+        lab_rows = [i for i, lab in enumerate(labels) if lab]
+        if lab_rows:
+            rows = torch.tensor(lab_rows, device=dev)
+            sem = sems[rows, best[rows]]
+            score = scores[rows, best[rows]]
+            distinct = list(dict.fromkeys(labels[i] for i in lab_rows))
+            text = self.text.get(distinct).to(dev)
+            crop = self._crop_embeddings(examples, order, text.shape[1])[rows.cpu()].to(dev)
+            con, sc, acc = semantic_losses(sem, score, [labels[i] for i in lab_rows], text,
+                                           {lab: j for j, lab in enumerate(distinct)}, self.core.logit_scale, crop)  # fmt: skip
+            loss = loss + t.semantic_weight * con + t.score_weight * sc
+            metrics.update(semantic_loss=con.item(), score_loss=sc.item(), label_acc=acc.item())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.core.parameters() if p.requires_grad], t.grad_clip
+            )
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        metrics.update(step=self.step, loss=loss.item(), lr=self.sched.get_last_lr()[0],
+                       labelled_masks=len(lab_rows), masks=len(labels), bad_samples=self.counter.bad)  # fmt: skip
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+
+    def train_state(self) -> dict:
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "torch_rng": torch.get_rng_state(), "example_rng": self.g.get_state(), "data": self.data.state(),
+                "config": self.cfg.model_dump(mode="json")}  # fmt: skip
+
+    def save_checkpoint(self, path: Path) -> None:
+        save_model(path, self.core, self.clip_info, extra={"train_state": self.train_state()})
+        self.text.save()
+
+    def load_checkpoint(self, path: Path) -> None:
+        payload = read_checkpoint(path)
+        state = payload.get("train_state")
+        if state is None:
+            raise ValueError(f"{path}: a final model, not a training checkpoint (no optimizer state)")
+        self.core.load_state_dict(payload["state_dict"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.g.set_state(state["example_rng"])
+        self.data.load_state(state["data"])
+        self.step = state["step"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def fit(trainer: Trainer, resume: bool, report=None, progress: bool = True) -> Path:
+    """The loop: steps, logs, checkpoints every ``checkpoint_every``, final ``model.pt`` (rank 0)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    t, out, lead = trainer.cfg.train, trainer.output, trainer.rank == 0
+    last = out / "checkpoints" / "last.pt"
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"--resume: {last} does not exist")
+        trainer.load_checkpoint(last)
+    metrics_path = out / "metrics.jsonl"
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_metrics(metrics_path, trainer.step)
+        else:
+            metrics_path.unlink(missing_ok=True)
+    writer = SummaryWriter(str(out / "tb")) if lead else None
+    bar = tqdm(total=t.max_steps, initial=trainer.step, disable=not (lead and progress), desc="train")
+    while trainer.step < t.max_steps:
+        m = trainer.train_step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", iou=f"{m['mask_iou']:.2f}")
+        if trainer.step % t.log_every == 0 or trainer.step == t.max_steps:
+            if lead:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                for k, v in m.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, trainer.step)
+            if report is not None:
+                report(m)
+        if lead and (trainer.step % t.checkpoint_every == 0 or trainer.step == t.max_steps):
+            trainer.save_checkpoint(last)
+    bar.close()
+    final = out / "model.pt"
+    if lead:
+        writer.close()
+        save_model(final, trainer.core, trainer.clip_info,
+                   extra={"train_config": trainer.cfg.model_dump(mode="json"), "steps": trainer.step})  # fmt: skip
+    return final
+
+
+def _ray_worker(config: dict) -> None:
+    """Ray Train worker: DDP over the workers, rank 0 writes checkpoints and the final model."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    cfg = TrainConfig.model_validate(config["cfg"])
+    wrap = lambda m: ray.train.torch.prepare_model(
+        m, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )  # noqa: E731
+    trainer = Trainer(cfg, Path(config["output"]), ctx.get_world_rank(), ctx.get_world_size(), wrap=wrap,
+                      device=ray.train.torch.get_device())  # fmt: skip
+    fit(trainer, config["resume"], report=lambda m: ray.train.report(m), progress=False)
+
+
+def train_with_ray(cfg: TrainConfig, output: Path, resume: bool, num_workers: int, use_gpu: bool) -> Path:
+    """Data-parallel training on Ray Train's ``TorchTrainer`` (one machine or a cluster)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "output": str(output.resolve()),
+            "resume": resume,
+        },
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name="ssam-train", storage_path=str((output / "ray").resolve())),
+    )
+    trainer.fit()
+    return output / "model.pt"

@@ -1,0 +1,140 @@
+"""``ssam-train`` configuration: YAML -> typed, validated objects (same rules as the pipeline's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class TrainConfigError(ValueError):
+    """The training config is wrong; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    size: str = Field("vit_b", description="SAM size: vit_h, vit_l, vit_b, smoke")
+    sam_checkpoint: str | None = Field(
+        None,
+        description="official SAM checkpoint to start from (path/URL; null: official for the size, none for smoke)",
+    )
+    init_checkpoint: str | None = Field(
+        None, description="one of our Semantic-SAM checkpoints to start from instead"
+    )
+    clip_model: str = Field("ViT-B-32", description="open_clip model whose text space defines the labels")
+    clip_pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="its pretrained tag or file (null: smoke only)"
+    )
+    seed: int = Field(0, description="seed of random init (smoke) and of the smoke CLIP")
+
+    @model_validator(mode="after")
+    def _known_size(self):
+        from .sam import SAM_SIZES
+
+        if self.size not in SAM_SIZES:
+            raise ValueError(f"unknown SAM size {self.size!r}; expected one of {sorted(SAM_SIZES)}")
+        return self
+
+
+class DataSection(_Section):
+    shards: list[str] = Field(
+        [], description="our shard tars: files, folders (RUN/shards), globs; --shards overrides"
+    )
+    sa1b: list[str] = Field([], description="SA-1B tars (sa_*.jpg + sa_*.json), mixed in for mask quality")
+    mix: dict[str, float] = Field(
+        {"ours": 4.0, "sa1b": 1.0}, description="sampling weight per source (the seed used 4:1)"
+    )
+    masks_per_image: int = Field(8, ge=1, le=256, description="target masks sampled per image per step")
+    min_mask_area: int = Field(16, ge=0, description="skip target masks smaller than this (pixels)")
+    box_prompt_prob: float = Field(
+        0.5, ge=0, le=1, description="chance a target is prompted by a box (else a point)"
+    )
+    box_jitter: float = Field(
+        0.1, ge=0, le=1, description="box corners move by up to this fraction of the side"
+    )
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="abort when more than this fraction of samples is bad"
+    )
+
+    @model_validator(mode="after")
+    def _mix_sources(self):
+        bad = set(self.mix) - {"ours", "sa1b"}
+        if bad:
+            raise ValueError(f"data.mix: unknown sources {sorted(bad)}; expected 'ours' and 'sa1b'")
+        return self
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="images per step (per worker)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps, then cosine decay to 0")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0: off)")
+    freeze: list[str] = Field(
+        ["image_encoder"],
+        description="top-level modules kept frozen: image_encoder, prompt_encoder, mask_decoder",
+    )
+    bf16: bool = Field(True, description="bf16 autocast on CUDA")
+    checkpoint_every: int = Field(500, ge=1, description="write checkpoints/last.pt every this many steps")
+    log_every: int = Field(10, ge=1, description="log metrics every this many steps")
+    focal_weight: float = Field(20.0, ge=0, description="mask focal loss weight (SAM: 20)")
+    dice_weight: float = Field(1.0, ge=0, description="mask dice loss weight (SAM: 1)")
+    iou_weight: float = Field(1.0, ge=0, description="predicted-IoU MSE weight")
+    semantic_weight: float = Field(1.0, ge=0, description="contrastive loss weight (labelled masks)")
+    score_weight: float = Field(
+        1.0, ge=0, description="cosine-score MSE weight (labelled masks with embeddings)"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda")
+
+    @model_validator(mode="after")
+    def _freeze_names(self):
+        bad = set(self.freeze) - {"image_encoder", "prompt_encoder", "mask_decoder"}
+        if bad:
+            raise ValueError(f"train.freeze: unknown modules {sorted(bad)}")
+        return self
+
+
+class TrainConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    seed: int = Field(0, description="seed of sampling, prompts and shuffling")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read YAML, apply ``key=value`` overrides (values parsed as YAML), validate."""
+    where = str(path) if path else "<config>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise TrainConfigError(f"{where}: cannot read config: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"{where}: not valid YAML: {e}") from e
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TrainConfigError(f"--set {item!r}: expected key=value")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"--set {key}: '{p}' is not a section")
+        node[leaf] = yaml.safe_load(value) if value else ""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"key '{loc}': {msg}")
+        raise TrainConfigError(f"{where}: invalid configuration:\n  " + "\n  ".join(lines)) from None
