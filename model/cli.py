@@ -82,3 +82,133 @@ def train_main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     print(f"model written to {final}")
     return 0
+
+
+def _predict_options(args):
+    from .predict import PredictOptions
+
+    return PredictOptions(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                          pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
+                          box_nms_thresh=args.nms_thresh, max_masks=args.max_masks,
+                          min_label_score=getattr(args, "min_label_score", 0.0))  # fmt: skip
+
+
+def _add_generator_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--points-per-side", type=int, default=32, help="automatic mode: point grid per side (default 32)"
+    )
+    p.add_argument("--points-per-batch", type=int, default=64, help="points decoded at once (default 64)")
+    p.add_argument(
+        "--pred-iou-thresh",
+        type=float,
+        default=0.8,
+        help="keep masks with predicted IoU above this (default 0.8)",
+    )
+    p.add_argument(
+        "--stability-thresh",
+        type=float,
+        default=0.9,
+        help="keep masks with stability above this (default 0.9)",
+    )
+    p.add_argument(
+        "--nms-thresh", type=float, default=0.7, help="box IoU for NMS between masks (default 0.7)"
+    )
+    p.add_argument(
+        "--max-masks", type=int, default=200, help="at most this many masks per image (default 200)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ssam-predict", description="Segment images and name every mask from any vocabulary.",
+                                epilog="example: ssam-predict --checkpoint runs/train/model.pt --images photo.jpg --vocab coco --output preds")  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="a Semantic-SAM model.pt (from ssam-train)")
+    p.add_argument("--images", required=True, nargs="+", help="image files, folders or globs")
+    p.add_argument(
+        "--vocab",
+        required=True,
+        help="comma list ('cat,dog'), a text file (one name per line), or lvis|coco|objects365|ade20k",
+    )
+    p.add_argument(
+        "--output",
+        default="predictions",
+        help="folder for predictions.json (COCO) and overlays/ (default ./predictions)",
+    )
+    p.add_argument(
+        "--boxes",
+        default=None,
+        help="box-prompt mode: 'x0,y0,x1,y1;...' or a JSON file of XYXY boxes (applied to every image)",
+    )
+    p.add_argument(
+        "--min-label-score",
+        type=float,
+        default=0.2,
+        help="label is none below this softmax probability (default 0.2)",
+    )
+    p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    _add_generator_flags(p)
+    args = p.parse_args(argv)
+
+    from .predict import load_for_prediction, parse_boxes, predict_files, resolve_images
+    from .semantic_sam import CheckpointError
+    from .weights import WeightsUnavailable
+
+    try:
+        boxes = parse_boxes(args.boxes)
+        loaded = load_for_prediction(args.checkpoint, args.vocab, _device(args.device))
+    except (CheckpointError, WeightsUnavailable, ValueError, OSError) as e:
+        return _fail(str(e))
+    if loaded.smoke:
+        print(SMOKE_BANNER)
+    images = resolve_images(args.images)
+    if not images:
+        return _fail(f"--images {args.images}: no image files found")
+    out, errors = predict_files(
+        loaded, images, Path(args.output), _predict_options(args), boxes, not args.no_overlays
+    )
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    n = len(images) - len(errors)
+    print(f"{n} image(s) -> {out}" + ("" if args.no_overlays else f", overlays in {out.parent / 'overlays'}"))
+    return 1 if errors else 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ssam-eval", description="Zero-shot COCO mask AP and class-agnostic mask AR.",
+                                epilog="example: ssam-eval --checkpoint runs/train/model.pt --coco val.json --images val2017/")  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="a Semantic-SAM model.pt")
+    p.add_argument("--coco", required=True, help="COCO ground-truth JSON; its categories are the vocabulary")
+    p.add_argument("--images", required=True, help="folder holding the GT images (by file_name)")
+    p.add_argument("--output", default=None, help="write the metrics JSON here (default: print only)")
+    _add_generator_flags(p)
+    args = p.parse_args(argv)
+
+    import json
+
+    from .predict import evaluate_coco
+    from .semantic_sam import CheckpointError
+    from .weights import WeightsUnavailable
+
+    try:
+        result = evaluate_coco(
+            args.checkpoint, Path(args.coco), Path(args.images), _predict_options(args), _device(args.device)
+        )
+    except (CheckpointError, WeightsUnavailable, ValueError, OSError, KeyError) as e:
+        return _fail(str(e))
+    if result["smoke"]:
+        print(SMOKE_BANNER)
+    print(f"{'metric':<18}{'value':>8}")
+    for k in ("mask_AP", "mask_AP50", "mask_AP75", "agnostic_AR@1", "agnostic_AR@10", "agnostic_AR@100"):
+        print(f"{k:<18}{100 * result[k]:8.2f}")
+    print(f"{result['images']} images, {result['detections']} detections")
+    for e in result["unreadable_images"]:
+        print(f"error: {e}", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    return 1 if result["unreadable_images"] else 0

@@ -47,18 +47,18 @@ def mask_losses(masks_mkhw: torch.Tensor, iou_pred_mk: torch.Tensor, target_mhw:
 
 
 def semantic_losses(sem_md: torch.Tensor, score_m: torch.Tensor, labels: list[str], text_ld: torch.Tensor,
-                    label_index: dict[str, int], logit_scale: torch.Tensor,
+                    label_index: dict[str, int], scale: torch.Tensor,
                     crop_emb_md: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Contrastive loss, score loss and label accuracy for M labelled masks.
 
     Args:
         sem_md: unit semantic embeddings of the chosen outputs. score_m: their predicted cosines.
         labels: the M label strings. text_ld: unit text embeddings of the batch's distinct labels.
-        label_index: label -> row of ``text_ld``. logit_scale: log temperature (learned).
+        label_index: label -> row of ``text_ld``. scale: the (learned) temperature, exp(logit_scale).
         crop_emb_md: CLIP crop embeddings (rows of KEY.emb.npy); NaN rows or None: no score target.
     """
     target = torch.tensor([label_index[lab] for lab in labels], device=sem_md.device)
-    logits = logit_scale.exp().clamp(max=100) * sem_md @ text_ld.T
+    logits = scale * sem_md @ text_ld.T
     contrastive = F.cross_entropy(logits, target)
     accuracy = (logits.argmax(1) == target).float().mean()
     have = torch.isfinite(crop_emb_md).all(1) if crop_emb_md is not None else None

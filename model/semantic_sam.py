@@ -118,7 +118,9 @@ class SemanticSam(Sam):
 
         Returns:
             Per image, the four outputs of :meth:`SemanticMaskDecoder.predict_all` for its boxes
-            followed by its points (``P + Q`` rows).
+            followed by its points (``P + Q`` rows); and the temperature ``exp(logit_scale)``
+            (capped at 100), returned so that its use in the loss is part of this forward (DDP
+            tracks parameters through forward outputs).
         """
         if any(p.requires_grad for p in self.image_encoder.parameters()):
             feats = self.image_encoder(images_bchw)
@@ -134,7 +136,7 @@ class SemanticSam(Sam):
                 labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
                 parts.append(self.decode(feats[b : b + 1], points=(points[:, None, :], labels)))
             results.append(tuple(torch.cat(t, 0) for t in zip(*parts, strict=True)))
-        return results
+        return results, self.logit_scale.exp().clamp(max=100)
 
     @staticmethod
     def new_parameter_names(model: SemanticSam) -> set[str]:

@@ -61,7 +61,7 @@ def annotation(i: int, label: str, mask_hw: np.ndarray) -> dict:
             float(mask_hw.shape[0])], "label": label, "label_score": 1.0, "topk": [{"label": label, "score": 1.0}]}  # fmt: skip
 
 
-def make_sample(key: str, rng: np.random.Generator, size: int = 128) -> Sample:
+def make_sample(key: str, rng: np.random.Generator, size: int = 128, emb_dim: int = 0) -> Sample:
     img, shapes = make_image(rng, size)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "PNG")  # lossless: masks match pixels exactly
@@ -70,18 +70,23 @@ def make_sample(key: str, rng: np.random.Generator, size: int = 128) -> Sample:
             "candidates": [{"label": s, "source": "caption"} for s in SHAPES],
             "annotations": [annotation(i, lab, m) for i, (lab, m) in enumerate(shapes)],
             "provenance": {"synthetic": True, "smoke": False, "pipeline_version": "synthetic"}}  # fmt: skip
-    return Sample(key, buf.getvalue(), meta, None)
+    emb = None
+    if emb_dim:  # stand-in crop embeddings (random unit vectors): exercise the score loss, mean nothing
+        e = rng.normal(size=(len(shapes), emb_dim))
+        emb = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float16)
+    return Sample(key, buf.getvalue(), meta, emb)
 
 
 def write_shapes(
-    out_dir: str | Path, images: int, per_shard: int, seed: int = 0, size: int = 128
+    out_dir: str | Path, images: int, per_shard: int, seed: int = 0, size: int = 128, emb_dim: int = 0
 ) -> list[Path]:
     """Write ``images`` samples as shards ``00000..`` in ``out_dir``; return the tar paths."""
     rng = np.random.default_rng(seed)
     tars = []
     for sid, start in enumerate(range(0, images, per_shard)):
         samples = [
-            make_sample(f"{seed:03d}{i:06d}", rng, size) for i in range(start, min(images, start + per_shard))
+            make_sample(f"{seed:03d}{i:06d}", rng, size, emb_dim)
+            for i in range(start, min(images, start + per_shard))
         ]
         write_shard(out_dir, ShardContent(sid, samples, [], {"synthetic": True}))
         tars.append(Path(out_dir) / f"{sid:05d}.tar")

@@ -153,7 +153,7 @@ class Trainer:
             prompts.append((e.boxes_xyxy[box_idx].to(dev), e.points_xy[pt_idx].to(dev)))
             order.append(torch.cat([box_idx, pt_idx]))
         with self._autocast():
-            outputs = self.net(images, prompts)
+            outputs, scale = self.net(images, prompts)
         # Outputs come boxes first, then points: put the targets in the same order.
         masks = torch.cat([o[0][:, 1:] for o in outputs]).float()  # multimask outputs 1..3
         ious, sems, scores = (torch.cat([o[i][:, 1:] for o in outputs]).float() for i in (1, 2, 3))
@@ -175,9 +175,12 @@ class Trainer:
             text = self.text.get(distinct).to(dev)
             crop = self._crop_embeddings(examples, order, text.shape[1])[rows.cpu()].to(dev)
             con, sc, acc = semantic_losses(sem, score, [labels[i] for i in lab_rows], text,
-                                           {lab: j for j, lab in enumerate(distinct)}, self.core.logit_scale, crop)  # fmt: skip
+                                           {lab: j for j, lab in enumerate(distinct)}, scale, crop)  # fmt: skip
             loss = loss + t.semantic_weight * con + t.score_weight * sc
             metrics.update(semantic_loss=con.item(), score_loss=sc.item(), label_acc=acc.item())
+        # Zero-weighted use of every output: each parameter the forward touched gets a gradient
+        # (zeros where unused this step), so DDP never waits for one that will not come.
+        loss = loss + 0.0 * (scale + sum(t.float().sum() for out in outputs for t in out))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
@@ -277,9 +280,10 @@ def _ray_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = TrainConfig.model_validate(config["cfg"])
-    wrap = lambda m: ray.train.torch.prepare_model(
-        m, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )  # noqa: E731
+
+    def wrap(model):
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
     trainer = Trainer(cfg, Path(config["output"]), ctx.get_world_rank(), ctx.get_world_size(), wrap=wrap,
                       device=ray.train.torch.get_device())  # fmt: skip
     fit(trainer, config["resume"], report=lambda m: ray.train.report(m), progress=False)

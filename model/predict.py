@@ -1,0 +1,208 @@
+"""Prediction and evaluation on image files: COCO-format results, overlays, COCO mask AP/AR.
+
+``ssam-predict`` and ``ssam-eval`` call :func:`predict_files` and :func:`evaluate_coco`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import logging
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field  # noqa: I001
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+from .clip import encode_texts, load_clip
+from .overlay import render_overlay
+from .predictor import SemanticPredictor
+from .semantic_sam import CheckpointError, load_model
+from .vocab import load_vocabulary
+
+log = logging.getLogger("ssam.predict")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class PredictOptions:
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.8
+    stability_score_thresh: float = 0.9
+    box_nms_thresh: float = 0.7
+    max_masks: int = 200
+    min_label_score: float = 0.2
+    max_pixels: int = 64_000_000
+
+
+@dataclass
+class Loaded:
+    predictor: SemanticPredictor
+    clip_info: dict
+    smoke: bool
+    vocab: list[str] = field(default_factory=list)
+    vocab_emb: np.ndarray | None = None
+
+
+def load_for_prediction(checkpoint: str, vocab_spec: str | list[str], device: str = "cpu") -> Loaded:
+    """The model, its CLIP text tower and the vocabulary's embeddings.
+
+    Raises:
+        CheckpointError: wrong kind or size of checkpoint. ValueError: empty vocabulary.
+    """
+    model, payload = load_model(checkpoint, device)
+    clip_info = payload["clip"]
+    clip = load_clip(
+        clip_info["name"], clip_info.get("pretrained"), seed=clip_info.get("seed", 0), device=device
+    )
+    if clip.embed_dim != model.config.clip_dim:
+        raise CheckpointError(f"{checkpoint}: label space is {model.config.clip_dim}-d but CLIP {clip_info['name']} "
+                              f"gives {clip.embed_dim}-d text embeddings")  # fmt: skip
+    vocab = load_vocabulary(vocab_spec)
+    smoke = bool(clip_info.get("smoke")) or model.config.sam_size == "smoke"
+    return Loaded(SemanticPredictor(model, device), clip_info, smoke, vocab, encode_texts(clip, vocab))
+
+
+def resolve_images(specs: list[str]) -> list[Path]:
+    """Image files named by paths, folders or globs."""
+    out: list[Path] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif any(ch in spec for ch in "*?["):
+            out += [Path(x) for x in sorted(glob.glob(spec))]
+        else:
+            out.append(p)
+    return out
+
+
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """HxWx3 uint8, EXIF-upright. Raises ValueError naming the file when it cannot be used."""
+    try:
+        with Image.open(path) as img:
+            if img.size[0] * img.size[1] > max_pixels:
+                raise ValueError(f"{path}: {img.size[0]}x{img.size[1]} pixels is over the limit {max_pixels}")
+            img.load()
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def parse_boxes(spec: str | None) -> list[list[float]] | None:
+    """``"x0,y0,x1,y1;x0,y0,x1,y1"`` or a JSON file with a list of XYXY boxes."""
+    if not spec:
+        return None
+    if Path(spec).is_file():
+        boxes = json.loads(Path(spec).read_text())
+    else:
+        boxes = [[float(v) for v in part.split(",")] for part in spec.split(";") if part.strip()]
+    if not boxes or any(len(b) != 4 or b[2] <= b[0] or b[3] <= b[1] for b in boxes):
+        raise ValueError(f"--boxes {spec!r}: expected x0,y0,x1,y1 boxes with x1 > x0 and y1 > y0")
+    return boxes
+
+
+def predict_image(loaded: Loaded, image: np.ndarray, opts: PredictOptions, boxes=None) -> list[dict]:
+    """Annotations (masks RLE, bbox XYWH, label, scores) of one image, automatic or box-prompted."""
+    pred = loaded.predictor
+    pred.set_image(image)
+    if boxes is not None:
+        masks, iou, sem, score = pred.predict(boxes=np.asarray(boxes, np.float32))
+    else:
+        masks, iou, sem, score = pred.generate(opts.points_per_side, opts.points_per_batch, opts.pred_iou_thresh,
+                                               opts.stability_score_thresh, opts.box_nms_thresh, opts.max_masks)  # fmt: skip
+    labels, probs = pred.name(sem, loaded.vocab_emb, loaded.vocab, opts.min_label_score)
+    anns = []
+    for i in range(len(masks)):
+        rle = mask_utils.encode(np.asfortranarray(masks[i].astype(np.uint8)))
+        anns.append({"segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+                     "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": int(mask_utils.area(rle)),
+                     "label": labels[i], "label_score": round(float(probs[i]), 4),
+                     "predicted_iou": round(float(iou[i]), 4), "predicted_cosine": round(float(score[i]), 4),
+                     "score": round(float(probs[i]) * float(iou[i]), 4)})  # fmt: skip
+    return anns
+
+
+def predict_files(loaded: Loaded, images: list[Path], output: Path, opts: PredictOptions, boxes=None,
+                  overlays: bool = True) -> tuple[Path, list[str]]:  # fmt: skip
+    """Predict every image; write ``predictions.json`` (COCO) and ``overlays/*.png``.
+
+    Returns the JSON path and one error message per image that could not be read.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    cat_id = {name: i + 1 for i, name in enumerate(loaded.vocab)}
+    coco = {"info": {"description": "ssam-predict", "smoke": loaded.smoke, "clip": loaded.clip_info},
+            "images": [], "categories": [{"id": i, "name": n} for n, i in cat_id.items()], "annotations": []}  # fmt: skip
+    errors = []
+    for path in images:
+        try:
+            image = read_image(path, opts.max_pixels)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        image_id = len(coco["images"]) + 1
+        h, w = image.shape[:2]
+        coco["images"].append({"id": image_id, "file_name": str(path), "width": w, "height": h})
+        anns = predict_image(loaded, image, opts, boxes)
+        for a in anns:
+            coco["annotations"].append(dict(a, id=len(coco["annotations"]) + 1, image_id=image_id, iscrowd=0,
+                                            category_id=cat_id.get(a["label"])))  # fmt: skip
+        if overlays:
+            (output / "overlays").mkdir(exist_ok=True)
+            render_overlay(image, anns, smoke=loaded.smoke).save(output / "overlays" / f"{path.stem}.png")
+    out = output / "predictions.json"
+    out.write_text(json.dumps(coco))
+    return out, errors
+
+
+def _coco_eval(gt, dets: list[dict], use_cats: bool) -> np.ndarray:
+    from pycocotools.cocoeval import COCOeval
+
+    if not dets:
+        return np.zeros(12)
+    with redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, "segm")
+        ev.params.useCats = int(use_cats)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return np.maximum(ev.stats, 0)
+
+
+def evaluate_coco(
+    loaded_ckpt: str, gt_path: Path, images_dir: Path, opts: PredictOptions, device: str = "cpu"
+) -> dict:
+    """Zero-shot mask AP (GT categories as vocabulary) and class-agnostic mask AR."""
+    from pycocotools.coco import COCO
+
+    with redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+    cats = gt.loadCats(gt.getCatIds())
+    loaded = load_for_prediction(loaded_ckpt, [c["name"] for c in cats], device)
+    name_to_id = {c["name"].replace("_", " ").lower(): c["id"] for c in cats}
+    opts = dataclasses.replace(
+        opts, min_label_score=0.0
+    )  # every mask gets its best category; AP ranks by score
+    dets, missing = [], []
+    for img in gt.loadImgs(gt.getImgIds()):
+        path = images_dir / img["file_name"]
+        try:
+            image = read_image(path, opts.max_pixels)
+        except ValueError as e:
+            missing.append(str(e))
+            continue
+        for a in predict_image(loaded, image, opts):
+            dets.append({"image_id": img["id"], "category_id": name_to_id[a["label"]], "segmentation": a["segmentation"],
+                         "score": a["score"], "bbox": a["bbox"], "area": a["area"]})  # fmt: skip
+    seg_ap = _coco_eval(gt, dets, use_cats=True)
+    agnostic = _coco_eval(gt, dets, use_cats=False)
+    return {"mask_AP": float(seg_ap[0]), "mask_AP50": float(seg_ap[1]), "mask_AP75": float(seg_ap[2]),
+            "agnostic_AR@1": float(agnostic[6]), "agnostic_AR@10": float(agnostic[7]),
+            "agnostic_AR@100": float(agnostic[8]), "images": len(gt.getImgIds()), "detections": len(dets),
+            "unreadable_images": missing, "smoke": loaded.smoke, "checkpoint": str(loaded_ckpt)}  # fmt: skip

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from segment_anything import build_sam_vit_b
+
+from ssam.model.semantic_sam import (
+    CheckpointError,
+    SemanticSam,
+    build_semantic_sam,
+    load_model,
+    load_sam_weights,
+    read_checkpoint,
+    save_model,
+)
+
+
+@pytest.fixture(scope="module")
+def vit_b_sam_file(tmp_path_factory):
+    """A real-architecture SAM vit_b state dict (random weights), saved as the official files are."""
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_b_random.pth"
+    torch.manual_seed(0)
+    torch.save(build_sam_vit_b().state_dict(), path)
+    return path
+
+
+def test_sam_vit_b_checkpoint_fills_every_sam_parameter_and_only_new_ones_are_missing(vit_b_sam_file):
+    state = torch.load(vit_b_sam_file, map_location="cpu", weights_only=True)
+    model = build_semantic_sam("vit_b", clip_dim=512)
+    missing = load_sam_weights(model, state, str(vit_b_sam_file))
+    assert missing == SemanticSam.new_parameter_names(model)
+    assert missing == {"logit_scale"} | {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(("mask_decoder.semantic_", "mask_decoder.score_"))
+    }
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items())
+
+
+def test_wrong_sam_checkpoints_are_errors_naming_the_keys(vit_b_sam_file):
+    vit_b = torch.load(vit_b_sam_file, map_location="cpu", weights_only=True)
+    with pytest.raises(CheckpointError, match=r"shapes do not match this model \(smoke\): image_encoder"):
+        load_sam_weights(build_semantic_sam("smoke", 32), vit_b, "vit_b.pth")
+    from ssam.model.sam import build_sam
+
+    smoke = build_sam("smoke").state_dict()
+    del smoke["mask_decoder.iou_token.weight"]
+    smoke["extra.weight"] = torch.zeros(1)
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected keys \['extra.weight'\], missing SAM keys \['mask_decoder.iou_token.weight'\]",
+    ):
+        load_sam_weights(build_semantic_sam("smoke", 32), smoke, "x.pth")
+
+
+def test_outputs_per_prompt():
+    model = build_semantic_sam("smoke", clip_dim=32).eval()
+    feats = model.image_encoder(torch.zeros(1, 3, 256, 256))
+    masks, iou, sem, score = model.decode(feats, boxes=torch.tensor([[10.0, 10, 120, 90], [0, 0, 40, 40]]))
+    assert (
+        masks.shape == (2, 4, 64, 64)
+        and iou.shape == (2, 4)
+        and sem.shape == (2, 4, 32)
+        and score.shape == (2, 4)
+    )
+    torch.testing.assert_close(sem.norm(dim=-1), torch.ones(2, 4))
+    outs, scale = model(
+        torch.zeros(2, 3, 256, 256),
+        [
+            (torch.tensor([[1.0, 1, 50, 50]]), torch.tensor([[20.0, 20], [30, 30]])),
+            (None, torch.tensor([[5.0, 5]])),
+        ],
+    )
+    assert [o[0].shape[0] for o in outs] == [3, 1] and torch.isclose(scale, model.logit_scale.exp())
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path, vit_b_sam_file):
+    model = build_semantic_sam("smoke", clip_dim=32, seed=4).eval()
+    save_model(tmp_path / "m.pt", model, {"name": "ssam-smoke-clip", "pretrained": None, "seed": 0})
+    loaded, payload = load_model(tmp_path / "m.pt")
+    assert payload["model_config"] == {"sam_size": "smoke", "clip_dim": 32}
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left nothing behind
+    with pytest.raises(CheckpointError, match="a SAM state dict"):
+        read_checkpoint(vit_b_sam_file)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a loadable checkpoint"):
+        read_checkpoint(tmp_path / "junk.pt")
+    torch.save({"format": "ssam-semantic-sam", "evil": torch.nn.Linear(1, 1)}, tmp_path / "pickle.pt")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):  # weights_only refuses objects
+        read_checkpoint(tmp_path / "pickle.pt")
+    bigger = build_semantic_sam("smoke", clip_dim=64)
+    save_model(tmp_path / "b.pt", bigger, {})
+    payload = torch.load(tmp_path / "b.pt", weights_only=True)
+    payload["model_config"]["clip_dim"] = 32
+    torch.save(payload, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="weights do not fit a smoke model"):
+        load_model(tmp_path / "b.pt")

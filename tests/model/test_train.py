@@ -1,0 +1,228 @@
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+from ssam.model.cli import train_main
+from ssam.model.data import DataError
+from ssam.model.semantic_sam import load_model, save_model
+from ssam.model.synthetic import SHAPES, make_image, write_coco, write_shapes
+from ssam.model.train import Trainer, fit, train_with_ray
+from ssam.model.train_config import TrainConfigError, load_train_config
+
+SMOKE = REPO / "configs/train/smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes(out / "shards", images=24, per_shard=8, seed=0, emb_dim=32)
+    return out / "shards"
+
+
+def cfg_for(shards, *overrides):
+    return load_train_config(SMOKE, [f'data.shards=["{shards}"]', "train.log_every=1", *overrides])
+
+
+def metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(shapes, tmp_path):
+    cfg = cfg_for(shapes, "train.max_steps=6", "train.checkpoint_every=3")
+    fit(Trainer(cfg, tmp_path / "a"), resume=False, progress=False)
+    whole = metrics(tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    def die_at_5(m):
+        if m["step"] == 5:  # after the step-3 checkpoint; steps 4-5 were logged and will be redone
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(Trainer(cfg, tmp_path / "b"), resume=False, report=die_at_5, progress=False)
+    assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    fit(Trainer(cfg, tmp_path / "b"), resume=True, progress=False)
+    resumed = metrics(tmp_path / "b")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed == whole  # every loss, lr and count identical
+    assert any("score_loss" in m and m["score_loss"] > 0 for m in whole)  # crop embeddings were used
+    a, _ = load_model(tmp_path / "a/model.pt")
+    b, _ = load_model(tmp_path / "b/model.pt")
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+    assert not list((tmp_path / "b/checkpoints").glob(".*")) and (tmp_path / "b/tb").is_dir()
+
+
+def write_sa1b_tar(path, n=6, seed=3):
+    """An SA-1B-style tar: sa_N.jpg + sa_N.json with SA-1B's keys and no labels."""
+    rng = np.random.default_rng(seed)
+    from ssam.model.synthetic import annotation
+
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            img, shapes = make_image(rng)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG", quality=95)
+            anns = []
+            for j, (_, m) in enumerate(shapes):
+                a = annotation(j, "x", m)
+                anns.append(
+                    {
+                        k: a[k]
+                        for k in (
+                            "id",
+                            "segmentation",
+                            "bbox",
+                            "area",
+                            "predicted_iou",
+                            "stability_score",
+                            "point_coords",
+                            "crop_box",
+                        )
+                    }
+                )
+            meta = json.dumps(
+                {
+                    "image": {"image_id": i, "width": 128, "height": 128, "file_name": f"sa_{i}.jpg"},
+                    "annotations": anns,
+                }
+            ).encode()
+            for name, data in ((f"sa_{i}.jpg", buf.getvalue()), (f"sa_{i}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_sa1b_samples_are_read_and_trained_on_with_mask_losses_only(shapes, tmp_path):
+    sa1b = write_sa1b_tar(tmp_path / "sa_000000.tar")
+    cfg = cfg_for(shapes, f'data.sa1b=["{sa1b}"]', "data.mix={ours: 0, sa1b: 1}", "train.max_steps=3")
+    trainer = Trainer(cfg, tmp_path / "run")
+    fit(trainer, resume=False, progress=False)
+    ms = metrics(tmp_path / "run")
+    assert all(m["masks"] > 0 and m["labelled_masks"] == 0 and "semantic_loss" not in m for m in ms)
+    assert trainer.data.sources["sa1b"].state()["sample"] > 0 and "ours" not in trainer.data.sources
+
+    mixed = Trainer(cfg_for(shapes, f"data.sa1b=[\"{sa1b}\"]", "data.mix={ours: 1, sa1b: 1}", "train.max_steps=6",
+                            "train.batch_size=4"), tmp_path / "mixed")  # fmt: skip
+    fit(mixed, resume=False, progress=False)
+    states = {n: s.state() for n, s in mixed.data.sources.items()}
+    assert states["ours"]["sample"] > 0 and states["sa1b"]["sample"] > 0  # both sources were drawn
+
+
+def test_bad_shards_and_samples_are_counted_skipped_and_can_abort(tmp_path):
+    good = tmp_path / "good"
+    write_shapes(good, images=30, per_shard=30, seed=1)
+    data = (good / "00000.tar").read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
+    with tarfile.open(tmp_path / "broken.tar", "w") as tar:
+        for name, payload in (
+            ("k1.jpg", b"not an image"),
+            ("k1.json", (good / "00000.stats.json").read_bytes()),
+            ("k2.jpg", b"\xff\xd8"),
+            ("k2.json", b"{not json"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    specs = [
+        str(good / "00000.tar"),
+        str(tmp_path / "truncated.tar"),
+        str(tmp_path / "broken.tar"),
+        str(tmp_path / "missing.tar"),
+    ]
+    cfg = load_train_config(SMOKE, [f"data.shards={json.dumps(specs)}", "train.max_steps=40", "train.batch_size=2",
+                                    "data.max_bad_fraction=0.5"])  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run")
+    fit(trainer, resume=False, progress=False)
+    bad = trainer.counter.examples
+    assert any("k1" in b and "missing top-level key" in b for b in bad)
+    assert any("k2" in b and "JSON does not parse" in b for b in bad)
+    assert any("missing.tar" in b for b in bad) and any("truncated.tar" in b for b in bad)
+    strict = load_train_config(
+        SMOKE, [f"data.shards={json.dumps(specs)}", "train.max_steps=40", "data.max_bad_fraction=0"]
+    )
+    with pytest.raises(DataError, match=r"samples are bad \(limit 0%\)"):
+        fit(Trainer(strict, tmp_path / "strict"), resume=False, progress=False)
+
+
+def test_train_cli_errors_are_clear(tmp_path, capsys):
+    assert train_main([str(SMOKE), "--set", "train.max_stepz=3", "--output", str(tmp_path)]) == 2
+    assert "train.max_stepz': unknown key" in capsys.readouterr().err
+    assert (
+        train_main([str(SMOKE), "--output", str(tmp_path / "x"), "--resume", "--shards", str(tmp_path)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "last.pt does not exist" in err or "no tar files" in err
+    with pytest.raises(TrainConfigError, match="data.mix: unknown sources"):
+        load_train_config(SMOKE, ["data.mix={laion: 1}"])
+
+
+def test_two_worker_ray_train_run(shapes, tmp_path):
+    import ray
+
+    cfg = cfg_for(shapes, "train.max_steps=4", "train.checkpoint_every=2")
+    try:
+        final = train_with_ray(cfg, tmp_path / "ddp", resume=False, num_workers=2, use_gpu=False)
+    finally:
+        ray.shutdown()
+    model, payload = load_model(final)
+    assert payload["steps"] == 4 and (tmp_path / "ddp/checkpoints/last.pt").exists()
+    assert [m["step"] for m in metrics(tmp_path / "ddp")] == [1, 2, 3, 4]
+
+
+def _evaluate(trainer, rng_seed=123, images=24):
+    """Mean mask IoU (box prompts) and label accuracy on held-out shapes."""
+    from ssam.model.clip import encode_texts
+    from ssam.model.predictor import SemanticPredictor
+
+    pred = SemanticPredictor(trainer.core.eval())
+    text = encode_texts(trainer.clip, list(SHAPES))
+    rng = np.random.default_rng(rng_seed)
+    ious, hits = [], []
+    for _ in range(images):
+        img, shapes = make_image(rng)
+        pred.set_image(img)
+        boxes = [[*np.nonzero(m)[1].min(keepdims=True), *np.nonzero(m)[0].min(keepdims=True),
+                  np.nonzero(m)[1].max() + 1, np.nonzero(m)[0].max() + 1] for _, m in shapes]  # fmt: skip
+        masks, _, sem, _ = pred.predict(boxes=np.array(boxes, np.float32))
+        labels, _ = pred.name(sem, text, list(SHAPES), 0.0)
+        for (lab, m), pm, pl in zip(shapes, masks, labels, strict=True):
+            ious.append((m & pm).sum() / max(1, (m | pm).sum()))
+            hits.append(lab == pl)
+    trainer.core.train()
+    return float(np.mean(ious)), float(np.mean(hits))
+
+
+def test_learning_on_synthetic_shapes(tmp_path):
+    """A few minutes of CPU training make masks and names clearly better on held-out images."""
+    from ssam.model.predict import PredictOptions, evaluate_coco
+
+    write_shapes(tmp_path / "shards", images=96, per_shard=24, seed=0)
+    gt = write_coco(tmp_path / "coco", images=12, seed=99)
+    cfg = load_train_config(SMOKE, [f"data.shards=[\"{tmp_path / 'shards'}\"]", "train.max_steps=1000", "train.batch_size=4",
+                                    "train.lr=0.002", "train.warmup_steps=20", "train.semantic_weight=3", "train.log_every=100",
+                                    "train.checkpoint_every=1000", "data.masks_per_image=4"])  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run")
+    save_model(tmp_path / "untrained.pt", trainer.core, trainer.clip_info)
+    iou_before, acc_before = _evaluate(trainer)
+    fit(trainer, resume=False, progress=False)
+    iou_after, acc_after = _evaluate(trainer)
+    print(f"mask IoU {iou_before:.3f} -> {iou_after:.3f}; label accuracy {acc_before:.3f} -> {acc_after:.3f}")
+    assert iou_after > 0.5 and iou_after > iou_before + 0.4  # untrained: ~0.0
+    assert acc_after > 0.6 and acc_after > acc_before + 0.2  # 3 classes: chance is 1/3
+    # Automatic mode (point grid, no filtering thresholds: the small model's IoU head is young),
+    # zero-shot with the GT categories as vocabulary: the trained model finds and names shapes.
+    opts = PredictOptions(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    before = evaluate_coco(str(tmp_path / "untrained.pt"), gt, tmp_path / "coco/images", opts)
+    after = evaluate_coco(str(tmp_path / "run/model.pt"), gt, tmp_path / "coco/images", opts)
+    print(before, after)
+    assert before["agnostic_AR@100"] < 0.02 and after["agnostic_AR@100"] > 0.1
+    assert after["mask_AP50"] > before["mask_AP50"] + 0.08
