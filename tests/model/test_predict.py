@@ -1,0 +1,165 @@
+import copy
+import json
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+from pycocotools.coco import COCO
+
+from ssam.model.cli import eval_main, predict_main
+from ssam.model.semantic_sam import build_semantic_sam, save_model
+from ssam.model.synthetic import write_coco
+from ssam.model.vocab import load_vocabulary
+
+PHOTO = REPO / "sample/images/chelsea.jpg"
+LOOSE = [
+    "--points-per-side",
+    "4",
+    "--pred-iou-thresh=-100",
+    "--stability-thresh=-1",
+]  # random weights: keep all
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_model(
+        path,
+        build_semantic_sam("smoke", 32, seed=1),
+        {"name": "ssam-smoke-clip", "pretrained": None, "seed": 0, "embed_dim": 32, "smoke": True},
+    )
+    return path
+
+
+def test_predict_on_a_real_photo_writes_coco_json_and_an_overlay(checkpoint, tmp_path, capsys):
+    code = predict_main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            str(PHOTO),
+            "--vocab",
+            "coco",
+            "--output",
+            str(tmp_path),
+            "--min-label-score",
+            "0",
+            *LOOSE,
+        ]
+    )
+    assert code == 0 and "SMOKE MODEL" in capsys.readouterr().out
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    assert [c["name"] for c in preds["categories"]][:3] == ["person", "bicycle", "car"]
+    assert preds["images"][0]["width"] == 451 and preds["info"]["smoke"] is True
+    anns = preds["annotations"]
+    assert anns and all(a["category_id"] is not None and a["label"] in load_vocabulary("coco") for a in anns)
+    gt_like = {"images": preds["images"], "categories": preds["categories"], "annotations": []}
+    (tmp_path / "gt.json").write_text(json.dumps(gt_like))
+    res = COCO(str(tmp_path / "gt.json")).loadRes(
+        copy.deepcopy(anns)
+    )  # accepted as results (it edits its input)
+    assert len(res.getAnnIds()) == len(anns)
+    for a in anns:
+        m = res.annToMask(res.anns[a["id"]])
+        assert m.shape == (300, 451) and int(m.sum()) == a["area"]
+    overlay = Image.open(tmp_path / "overlays" / "chelsea.png")
+    assert overlay.size == (451, 300 + 28)  # image + smoke banner
+
+
+def test_box_mode_gives_one_named_mask_per_box(checkpoint, tmp_path):
+    code = predict_main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            str(PHOTO),
+            "--vocab",
+            "cat, dog,tiger",
+            "--boxes",
+            "100,50,300,250;10,10,60,60",
+            "--output",
+            str(tmp_path),
+            "--min-label-score",
+            "0",
+        ]
+    )
+    assert code == 0
+    anns = json.loads((tmp_path / "predictions.json").read_text())["annotations"]
+    assert len(anns) == 2 and {a["label"] for a in anns} <= {"cat", "dog", "tiger"}
+
+
+def test_vocabulary_forms(tmp_path):
+    f = tmp_path / "v.txt"
+    f.write_text("Traffic_Light\nwheel\n")
+    assert load_vocabulary(str(f)) == ["traffic light", "wheel"]
+    assert load_vocabulary("cat, dog") == ["cat", "dog"]
+    assert len(load_vocabulary("objects365")) == 365 and len(load_vocabulary("ade20k")) == 100
+
+
+def test_bad_inputs_get_one_clear_message(checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    base = ["--images", str(PHOTO), "--output", str(tmp_path / "o")]
+    assert predict_main(["--checkpoint", str(checkpoint), "--vocab", str(empty), *base]) == 2
+    assert "empty.txt' is empty" in capsys.readouterr().err
+    import torch
+
+    from ssam.model.sam import build_sam
+
+    torch.save(build_sam("smoke").state_dict(), tmp_path / "sam.pth")
+    assert predict_main(["--checkpoint", str(tmp_path / "sam.pth"), "--vocab", "coco", *base]) == 2
+    assert "sam.pth: a SAM state dict" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(tmp_path / "nope.pt"), "--vocab", "coco", *base]) == 2
+    assert "nope.pt: no such checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    code = predict_main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--vocab",
+            "coco",
+            "--images",
+            str(bad),
+            str(PHOTO),
+            "--output",
+            str(tmp_path / "p"),
+            *LOOSE,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "bad.jpg: cannot read image" in err
+    assert (
+        len(json.loads((tmp_path / "p/predictions.json").read_text())["images"]) == 1
+    )  # the good one was done
+    assert (
+        predict_main(
+            ["--checkpoint", str(checkpoint), "--vocab", "coco", "--images", str(PHOTO), "--boxes", "5,5,1,1"]
+        )
+        == 2
+    )
+
+
+def test_eval_on_a_tiny_gt_set(checkpoint, tmp_path, capsys):
+    gt = write_coco(tmp_path / "coco", images=3, seed=5)
+    out = tmp_path / "metrics.json"
+    code = eval_main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--coco",
+            str(gt),
+            "--images",
+            str(tmp_path / "coco/images"),
+            "--output",
+            str(out),
+            *LOOSE,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "mask_AP50" in printed and "agnostic_AR@100" in printed
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and result["detections"] > 0
+    assert all(0.0 <= result[k] <= 1.0 for k in ("mask_AP", "mask_AP50", "agnostic_AR@100"))
+    assert np.isfinite(result["mask_AP"])
