@@ -12,7 +12,6 @@ samples aborts with :class:`DataError`.
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
 import tarfile
@@ -27,6 +26,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .format import decode_sample, iter_tar_samples, validate_sample
 from .overlay import decode_rle
+from .paths import expand_specs
 
 log = logging.getLogger("ssam.train")
 
@@ -36,18 +36,12 @@ class DataError(RuntimeError):
 
 
 def resolve_tars(specs: list[str]) -> list[Path]:
-    """Tar files named by files, folders (complete shards only, when stats files exist) or globs."""
+    """Tar files named by files, folders (their complete shards, when stats files exist) or globs.
+    A named file that is missing stays in the list: reading it counts it as bad data."""
     out: list[Path] = []
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            tars = sorted(p.glob("*.tar"))
-            done = [t for t in tars if (t.parent / f"{t.stem}.stats.json").exists()]
-            out += done if done else tars
-        elif any(ch in spec for ch in "*?["):
-            out += [Path(x) for x in sorted(glob.glob(str(p)))]
-        else:
-            out.append(p)  # a missing file is reported (and counted bad) when it is read
+    for spec, tars in expand_specs(specs, (".tar",)).items():
+        done = [t for t in tars if (t.parent / f"{t.stem}.stats.json").exists()]
+        out += done if Path(spec).expanduser().is_dir() and done else tars
     return out
 
 

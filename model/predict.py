@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import logging
@@ -20,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 from .clip import encode_texts, load_clip
 from .overlay import render_overlay
+from .paths import expand_specs
 from .predictor import SemanticPredictor
 from .semantic_sam import CheckpointError, load_model
 from .vocab import load_vocabulary
@@ -69,17 +69,8 @@ def load_for_prediction(checkpoint: str, vocab_spec: str | list[str], device: st
 
 
 def resolve_images(specs: list[str]) -> list[Path]:
-    """Image files named by paths, folders or globs."""
-    out: list[Path] = []
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif any(ch in spec for ch in "*?["):
-            out += [Path(x) for x in sorted(glob.glob(spec))]
-        else:
-            out.append(p)
-    return out
+    """Image files named by paths, folders or globs (a missing path is reported when read)."""
+    return [f for files in expand_specs(specs, IMAGE_EXTENSIONS).values() for f in files]
 
 
 def read_image(path: Path, max_pixels: int) -> np.ndarray:

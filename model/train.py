@@ -112,7 +112,7 @@ class Trainer:
         model = build_semantic_sam(m.size, self.clip.embed_dim, seed=m.seed)
         from .sam import resolve_sam_checkpoint
 
-        path = resolve_sam_checkpoint(m.size, m.sam_checkpoint)
+        path = None if m.random_init else resolve_sam_checkpoint(m.size, m.sam_checkpoint)
         if path is not None:
             load_sam_weights(model, torch.load(path, map_location="cpu", weights_only=True), path)
         return model.train()

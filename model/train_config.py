@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .configio import load_validated
 
 
 class TrainConfigError(ValueError):
@@ -25,6 +25,9 @@ class ModelSection(_Section):
     )
     init_checkpoint: str | None = Field(
         None, description="one of our Semantic-SAM checkpoints to start from instead"
+    )
+    random_init: bool = Field(
+        False, description="start from random weights, no checkpoint (timing, from-scratch runs)"
     )
     clip_model: str = Field("ViT-B-32", description="open_clip model whose text space defines the labels")
     clip_pretrained: str | None = Field(
@@ -108,33 +111,9 @@ class TrainConfig(_Section):
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read YAML, apply ``key=value`` overrides (values parsed as YAML), validate."""
-    where = str(path) if path else "<config>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise TrainConfigError(f"{where}: cannot read config: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise TrainConfigError(f"{where}: not valid YAML: {e}") from e
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TrainConfigError(f"--set {item!r}: expected key=value")
-        node = raw
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise TrainConfigError(f"--set {key}: '{p}' is not a section")
-        node[leaf] = yaml.safe_load(value) if value else ""
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"key '{loc}': {msg}")
-        raise TrainConfigError(f"{where}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+    """Read YAML, apply ``key=value`` overrides (values parsed as YAML), validate.
+
+    Raises:
+        TrainConfigError: naming the file and every bad key.
+    """
+    return load_validated(TrainConfig, path, list(overrides), TrainConfigError)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ssam.model.configio import config_rows, load_validated
 
 
 class ConfigError(ValueError):
@@ -258,76 +259,16 @@ class PipelineConfig(Section):
 # ---------------------------------------------------------------------------------------------
 
 
-def set_key(raw: dict, dotted: str, value: str) -> None:
-    """Apply ``--set a.b.c=value`` to a raw config dict; the value is parsed as YAML."""
-    parts = dotted.split(".")
-    node = raw
-    for p in parts[:-1]:
-        if not isinstance(node.setdefault(p, {}), dict):
-            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
-        node = node[p]
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
-
-
-def _explain(err: dict, model: type[BaseModel]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        node: Any = model
-        for p in err["loc"][:-1]:
-            field = node.model_fields.get(str(p)) if hasattr(node, "model_fields") else None
-            node = field.annotation if field is not None else None
-        known = sorted(node.model_fields) if hasattr(node, "model_fields") else []
-        return f"key '{loc}': unknown key; expected one of {known}"
-    if err["type"] == "missing":
-        return f"key '{loc}': required"
-    got = err.get("input")
-    got = f" (got {got!r})" if not isinstance(got, dict) else ""
-    return f"key '{loc}': {err['msg']}{got}"
-
-
-def load_config(
-    path: str | Path | None, overrides: list[str] = (), base: dict | None = None
-) -> PipelineConfig:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
     """Read a YAML file, apply ``key=value`` overrides, validate.
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown key, wrong type or value -- the message
             names the file and every bad key.
     """
-    where = str(path) if path else "<config>"
-    raw: dict = dict(base or {})
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read config: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}: expected a mapping of sections at the top level")
-        raw.update(loaded)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        set_key(raw, key.strip(), value)
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        lines = [_explain(err, PipelineConfig) for err in e.errors()]
-        raise ConfigError(f"{where}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+    return load_validated(PipelineConfig, path, list(overrides), ConfigError)
 
 
 def config_reference(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[str]:
-    """Markdown table rows ``| key | type | default | description |`` for every leaf key."""
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += config_reference(ann, key + ".")
-            continue
-        default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
-        type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        rows.append(f"| `{key}` | `{type_name}` | {default} | {field.description or ''} |")
-    return rows
+    """Markdown rows for every leaf key of the pipeline config."""
+    return config_rows(model, prefix)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssam.model.paths import expand_specs
 from ssam.stages.download import resolve_file_url
 
 from .config import PipelineConfig
@@ -24,16 +24,10 @@ _NUMBER = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 
 
 def resolve_inputs(paths: list[str]) -> list[Path]:
-    """Parquet files named by paths, directories or globs, in sorted order."""
+    """Parquet files named by paths, directories or globs, in order; a spec naming none is an error."""
     files: list[Path] = []
-    for spec in paths:
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            found = sorted(p.glob("*.parquet"))
-        elif any(ch in spec for ch in "*?["):
-            found = [Path(x) for x in sorted(glob.glob(str(p)))]
-        else:
-            found = [p] if p.exists() else []
+    for spec, found in expand_specs(paths, (".parquet",)).items():
+        found = [f for f in found if f.exists()]
         if not found:
             raise InputError(f"input {spec}: no parquet file found")
         files += found

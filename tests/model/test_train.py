@@ -226,3 +226,12 @@ def test_learning_on_synthetic_shapes(tmp_path):
     print(before, after)
     assert before["agnostic_AR@100"] < 0.02 and after["agnostic_AR@100"] > 0.1
     assert after["mask_AP50"] > before["mask_AP50"] + 0.08
+
+
+def test_readme_documents_every_training_key():
+    from ssam.model.configio import config_rows
+    from ssam.model.train_config import TrainConfig
+
+    keys = [row.split("`")[1] for row in config_rows(TrainConfig)]
+    readme = (REPO / "README.md").read_text()
+    assert "train.max_steps" in keys and [k for k in keys if f"`{k}`" not in readme] == []
