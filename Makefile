@@ -28,6 +28,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_model.py
 
 clean:
 	rm -rf runs .pytest_cache

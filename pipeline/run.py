@@ -74,13 +74,12 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(cfg: PipelineConfig, run: Path) -> int:
+def prepare(cfg: PipelineConfig, run: Path, files: list[Path]) -> int:
     """Filter the input into ``work/download_input.parquet`` + ``filter.failures.parquet``; return input rows."""
     target, failures_path = run / "work" / "download_input.parquet", run / "filter.failures.parquet"
     marker = run / "work" / "prepared.json"
     if marker.exists():
         return json.loads(marker.read_text())["input_rows"]
-    files = check_inputs(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = FilterStage(cfg)
     merged: dict[str, list] = {k: [] for k in ("fetch_url", "caption", "url", "src_index", "status")}
@@ -139,7 +138,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
                           f"(fingerprint {previous.get('config_fingerprint')} != {fingerprint}); use a new output.dir")  # fmt: skip
     if previous and previous.get("finished"):
         return RunSummary(run, previous["totals"], nothing_to_do=True)
-    check_inputs(cfg)  # schema errors stop the run before any model is touched or byte fetched
+    files = check_inputs(cfg)  # schema errors stop the run before any model is touched or byte fetched
     provenance = check_models(cfg)
     if cfg.smoke:
         log(
@@ -150,7 +149,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
                 "finished": False, "shards": [], "totals": {}}  # fmt: skip
     write_json_atomic(manifest_path, manifest)
 
-    input_rows = prepare(cfg, run)
+    input_rows = prepare(cfg, run, files)
     log(f"input: {input_rows} rows; downloading with img2dataset ...")
     downloads = Downloader(cfg)(run / "work" / "download_input.parquet", run / "downloads")
     shard_dir = run / "shards"
