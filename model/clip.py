@@ -17,7 +17,7 @@ import numpy as np
 import open_clip
 import torch
 
-from .weights import WeightsUnavailable, cache_dir, offline
+from .weights import WeightsUnavailable, cache_dir, offline, offline_reason
 
 SMOKE_CLIP = "ssam-smoke-clip"
 open_clip.add_model_config(Path(__file__).parent / "smoke" / f"{SMOKE_CLIP}.json")
@@ -72,7 +72,7 @@ def resolve_clip_weights(model_name: str, pretrained: str | None) -> str | None:
     try:
         return open_clip.download_pretrained(pcfg, cache_dir=str(cache_dir() / "open_clip"))
     except Exception as e:  # noqa: BLE001 -- hub and network errors come in many types; all mean "not here"
-        hint = " (fetching is off)" if offline() else ""
+        hint = f" ({offline_reason()})" if offline() else ""
         raise WeightsUnavailable(
             f"CLIP {model_name}/{pretrained}: {str(e).splitlines()[0][:200]}{hint}"
         ) from e

@@ -27,6 +27,11 @@ def offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("SSAM_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+def offline_reason() -> str:
+    """Why fetching is off, for error messages."""
+    return os.environ.get("SSAM_OFFLINE_REASON") or "fetching is off (SSAM_OFFLINE or HF_HUB_OFFLINE is set)"
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -56,7 +61,7 @@ def fetch(source: str, sha256: str | None = None, timeout_s: float = 60.0) -> Pa
     if target.is_file() and (sha256 is None or sha256_file(target) == sha256):
         return target
     if offline():
-        raise WeightsUnavailable(f"{source} is not in the cache ({target}) and fetching is off")
+        raise WeightsUnavailable(f"{source} is not in the cache ({target}) and {offline_reason()}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
     try:

@@ -51,6 +51,33 @@ def _llm(cfg: PipelineConfig) -> dict:
     return prov
 
 
+def _resolves(host: str, timeout_s: float = 5.0) -> bool:
+    """Does ``host`` resolve within ``timeout_s``? (A machine without network answers at once.)"""
+    import concurrent.futures
+    import socket
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            return bool(pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s))
+        except (OSError, concurrent.futures.TimeoutError):
+            return False
+
+
+def _hub_offline_if_unreachable() -> None:
+    """Without a reachable Hugging Face Hub, make its client answer from the cache at once
+    instead of retrying for a minute (it reads HF_HUB_OFFLINE at import; set both)."""
+    if offline() or _resolves("huggingface.co"):
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["SSAM_OFFLINE_REASON"] = "there is no network (huggingface.co does not resolve)"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
 def check_models(cfg: PipelineConfig) -> dict:
     """Provenance of the three models, after making sure each can be loaded.
 
@@ -60,13 +87,14 @@ def check_models(cfg: PipelineConfig) -> dict:
     """
     prov: dict = {}
     missing: list[str] = []
+    _hub_offline_if_unreachable()
     for key, fn, what in (("sam", _sam, f"SAM {cfg.masks.sam_model}"),
                           ("clip", _clip, f"CLIP {cfg.labels.clip_model}/{cfg.labels.clip_pretrained}"),
                           ("llm", _llm, f"LLM {cfg.candidates.llm_model} ({cfg.candidates.backend})")):  # fmt: skip
         try:
             prov[key] = fn(cfg)
         except (WeightsUnavailable, KeyError, OSError) as e:
-            missing.append(f"{what}: {e}")
+            missing.append(str(e) if str(e).startswith(what) else f"{what}: {e}")
     if missing:
         raise ModelsUnavailable(
             "Cannot start: model weights are missing. "
