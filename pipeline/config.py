@@ -212,6 +212,10 @@ class StageResources(Section):
     min_workers: int = Field(1, ge=1, description="actor pool minimum size")
     max_workers: int = Field(1, ge=1, description="actor pool maximum size")
     batch_size: int = Field(8, ge=1, description="rows per batch")
+    resources: dict[str, float] = Field(
+        {},
+        description="custom Ray resources per worker, e.g. {big_gpu: 1} to pin a stage to nodes that have them",
+    )
 
 
 class RayConfig(Section):

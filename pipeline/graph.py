@@ -76,6 +76,7 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
             compute=ray.data.ActorPoolStrategy(min_size=r.min_workers, max_size=r.max_workers),
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
+            resources=r.resources or None,
             udf_modifying_row_count=False,
         )
     return ds

@@ -126,7 +126,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
         ConfigError, InputError, ModelsUnavailable: before any work is done.
         RuntimeError: the graph ended with rows missing (a bug, reported with the shards).
     """
-    from .graph import run_local, run_ray
+    from .graph import init_ray, run_local, run_ray
 
     started = time.perf_counter()
     run = Path(cfg.output.dir)
@@ -151,6 +151,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
 
     input_rows = prepare(cfg, run, files)
     log(f"input: {input_rows} rows; downloading with img2dataset ...")
+    if cfg.download.distributor == "ray":
+        init_ray(cfg)  # img2dataset's Ray distributor uses the Ray we join (a cluster under ray job submit)
     downloads = Downloader(cfg)(run / "work" / "download_input.parquet", run / "downloads")
     shard_dir = run / "shards"
     removed = remove_incomplete(shard_dir)

@@ -165,14 +165,9 @@ def test_train_cli_errors_are_clear(tmp_path, capsys):
         load_train_config(SMOKE, ["data.mix={laion: 1}"])
 
 
-def test_two_worker_ray_train_run(shapes, tmp_path):
-    import ray
-
+def test_two_worker_ray_train_run(shapes, tmp_path, ray_loopback):
     cfg = cfg_for(shapes, "train.max_steps=4", "train.checkpoint_every=2")
-    try:
-        final = train_with_ray(cfg, tmp_path / "ddp", resume=False, num_workers=2, use_gpu=False)
-    finally:
-        ray.shutdown()
+    final = train_with_ray(cfg, tmp_path / "ddp", resume=False, num_workers=2, use_gpu=False)
     model, payload = load_model(final)
     assert payload["steps"] == 4 and (tmp_path / "ddp/checkpoints/last.pt").exists()
     assert [m["step"] for m in metrics(tmp_path / "ddp")] == [1, 2, 3, 4]

@@ -49,14 +49,6 @@ FILES = {
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def served(tmp_path_factory):
     routes = {p: (s, t, b) for p, (s, t, b, _, _) in FILES.items()}
     with httpserver.ImageServer(routes) as srv:
@@ -103,7 +95,7 @@ def outcomes(run: Path) -> dict:
     return seen
 
 
-def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_session):
+def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_loopback):
     srv, path, expected, extra_outcomes = served
     cfg = load_config(
         SMOKE,
@@ -176,7 +168,7 @@ def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_session)
         run_pipeline(other, log=lambda m: None)
 
 
-def test_killed_run_resumes_with_the_same_keys_none_twice(tmp_path, ray_session):
+def test_killed_run_resumes_with_the_same_keys_none_twice(tmp_path, ray_loopback):
     run = tmp_path / "run"
     cmd = [
         sys.executable,
