@@ -17,6 +17,7 @@ import re
 import socket
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
@@ -126,10 +127,22 @@ class FilterStage:
         self._seen.add(digest)
         return OK, ""
 
+    def _prefetch_hosts(self, urls: list) -> None:
+        """Resolve the batch's distinct host names concurrently into the lookup cache (one slow
+        resolver answer must not serialise a whole LAION part file)."""
+        if self.d.allow_private_hosts or not self.d.resolve_hosts:
+            return
+        hosts = {urlparse(u.strip()).hostname for u in urls if isinstance(u, str) and u.strip()}
+        hosts = {h.rstrip(".") for h in hosts if h and not h.replace(".", "").isdigit() and ":" not in h}
+        if len(hosts) > 1:
+            with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+                list(pool.map(_host_addresses, hosts))
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         started = time.perf_counter()
         out = to_lists(batch)
         n = batch_len(out)
+        self._prefetch_hosts(out.get("url", []))
         out["caption"] = [clean_caption(c, self.max_chars) for c in out.get("caption", [None] * n)]
         out["status"], out["fail_stage"], out["fail_detail"] = [OK] * n, [""] * n, [""] * n
         cols = list(out)

@@ -96,3 +96,42 @@ def test_filter_stage_marks_every_rejected_row_with_its_reason(smoke_cfg):
     ]
     assert all(s == "filter" for s, st in zip(out["fail_stage"], out["status"], strict=True) if st != "ok")
     assert out["caption"][3] == ""
+
+
+def test_filter_stage_resolves_each_distinct_host_once_concurrently(smoke_cfg, monkeypatch):
+    import threading
+
+    from ssam.stages import filter as filter_mod
+
+    smoke_cfg.download.allow_private_hosts = False
+    answers = {
+        "a.example.com": "93.184.216.34",
+        "b.example.com": "10.0.0.9",
+        "c.example.com": "93.184.216.35",
+    }
+    calls, threads = [], set()
+
+    def resolver(host, port):  # scripted DNS (no DNS server can run here)
+        calls.append(host)
+        threads.add(threading.get_ident())
+        return [(2, 1, 6, "", (answers[host], 0))]
+
+    monkeypatch.setattr(filter_mod.socket, "getaddrinfo", resolver)
+    filter_mod._host_addresses.cache_clear()
+    urls = [f"http://{h}/{i}.jpg" for i in range(2) for h in answers]
+    n = len(urls)
+    out = FilterStage(smoke_cfg)(
+        {
+            "url": urls,
+            "caption": ["x"] * n,
+            "width": [None] * n,
+            "height": [None] * n,
+            "nsfw": [None] * n,
+            "similarity": [None] * n,
+            "language": [None] * n,
+        }
+    )
+    assert sorted(calls) == sorted(answers)  # one lookup per distinct host
+    assert threading.get_ident() not in threads  # done by the prefetch pool, not row by row
+    assert out["status"] == ["ok", "url_refused", "ok"] * 2
+    filter_mod._host_addresses.cache_clear()
