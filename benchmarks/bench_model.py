@@ -54,7 +54,8 @@ else:
     photos = sorted((Path(os.environ["REPO"]) / "sample/images").glob("*.jpg"))[: n_img + 1]
     images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
     opts = PredictOptions(points_per_side=pps, pred_iou_thresh=-100, stability_score_thresh=-1, max_masks=100)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device == "cuda") else torch.autocast("cpu", enabled=False)
+    use_bf16 = bf16 and device == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
         predict_image(loaded, images[0], opts)
         if device == "cuda": torch.cuda.synchronize()
@@ -63,7 +64,9 @@ else:
         if device == "cuda": torch.cuda.synchronize()
         auto = (time.perf_counter() - t) / (len(images) - 1)
         t = time.perf_counter()
-        for im in images[1:]: predict_image(loaded, im, opts, boxes=[[10, 10, 100, 100], [50, 50, 200, 200], [0, 0, 300, 200], [100, 20, 250, 180]])
+        boxes = [[10, 10, 100, 100], [50, 50, 200, 200], [0, 0, 300, 200], [100, 20, 250, 180]]
+        for im in images[1:]:
+            predict_image(loaded, im, opts, boxes=boxes)
         if device == "cuda": torch.cuda.synchronize()
         box = (time.perf_counter() - t) / (len(images) - 1)
     out = {"auto_s_per_image": auto, "box_s_per_image": box}
@@ -75,10 +78,27 @@ print("RESULT " + json.dumps(out))
 
 def measure(mode: str, size: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-c", CHILD, mode, size, args.device, "1" if args.bf16 else "0", str(args.train_steps),
-               str(args.predict_images), str(args.points_per_side), tmp]  # fmt: skip
-        env = {"REPO": str(REPO), "SSAM_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-               "SSAM_CACHE": str(Path(tmp) / "cache"), "HOME": tmp}  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            mode,
+            size,
+            args.device,
+            "1" if args.bf16 else "0",
+            str(args.train_steps),
+            str(args.predict_images),
+            str(args.points_per_side),
+            tmp,
+        ]
+        env = {
+            "REPO": str(REPO),
+            "SSAM_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+            "SSAM_CACHE": str(Path(tmp) / "cache"),
+            "HOME": tmp,
+        }
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -106,15 +126,21 @@ def main() -> None:
     base = results[args.sizes[0]]
     print(f"device {args.device}{' bf16' if args.bf16 else ''}; points_per_side {args.points_per_side}")
     print(
-        f"{'size':<8}{'train samples/s':>16}{'auto s/img':>12}{'box s/img':>11}{'train RSS MB':>14}{'predict RSS MB':>16}"
+        f"{'size':<8}{'train samples/s':>16}{'auto s/img':>12}{'box s/img':>11}"
+        f"{'train RSS MB':>14}{'predict RSS MB':>16}"
     )
     for size, r in results.items():
         t, p = r["train"], r["predict"]
-        print(f"{size:<8}{t['samples_per_s']:16.3f}{p['auto_s_per_image']:12.3f}{p['box_s_per_image']:11.3f}"
-              f"{t['peak_rss_mb']:14.0f}{p['peak_rss_mb']:16.0f}")  # fmt: skip
+        print(
+            f"{size:<8}{t['samples_per_s']:16.3f}{p['auto_s_per_image']:12.3f}{p['box_s_per_image']:11.3f}"
+            f"{t['peak_rss_mb']:14.0f}{p['peak_rss_mb']:16.0f}"
+        )
     for size, r in list(results.items())[1:]:
-        print(f"{size} vs {args.sizes[0]}: train x{base['train']['samples_per_s'] / r['train']['samples_per_s']:.1f} slower, "
-              f"automatic predict x{r['predict']['auto_s_per_image'] / base['predict']['auto_s_per_image']:.1f} slower")  # fmt: skip
+        print(
+            f"{size} vs {args.sizes[0]}: "
+            f"train x{base['train']['samples_per_s'] / r['train']['samples_per_s']:.1f} slower, "
+            f"automatic predict x{r['predict']['auto_s_per_image'] / base['predict']['auto_s_per_image']:.1f} slower"
+        )
 
 
 if __name__ == "__main__":

@@ -113,13 +113,17 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"images: N={n}, 4N={report['images']['4N']} (smoke models, CPU)")
-    print(f"pipeline wall, N: Ray {ray_n['process_wall_s']:.1f}s, sequential loop {local_n['process_wall_s']:.1f}s "
-          f"-> Ray/sequential speed-up x{report['ray_over_local_speedup']:.2f}")  # fmt: skip
+    print(
+        f"pipeline wall, N: Ray {ray_n['process_wall_s']:.1f}s, sequential loop {local_n['process_wall_s']:.1f}s "
+        f"-> Ray/sequential speed-up x{report['ray_over_local_speedup']:.2f}"
+    )
     for stage, rate in ray_n["rates"].items():
         print(f"  {stage:<11} {rate:8.2f} rows/s per worker")
-    print(f"peak RSS (process tree): N {ray_n['peak_rss_mb']:.0f} MB, 4N {ray_4n['peak_rss_mb']:.0f} MB "
-          f"-> x{report['peak_rss_ratio_4N_over_N']:.2f} for x{args.repeat_4n} the images "
-          f"(time x{report['ray_4N_time_ratio']:.2f}); sequential loop N {local_n['peak_rss_mb']:.0f} MB")  # fmt: skip
+    print(
+        f"peak RSS (process tree): N {ray_n['peak_rss_mb']:.0f} MB, 4N {ray_4n['peak_rss_mb']:.0f} MB "
+        f"-> x{report['peak_rss_ratio_4N_over_N']:.2f} for x{args.repeat_4n} the images "
+        f"(time x{report['ray_4N_time_ratio']:.2f}); sequential loop N {local_n['peak_rss_mb']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

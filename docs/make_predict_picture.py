@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssam.model.overlay import render_overlay
 from ssam.model.predict import PredictOptions, load_for_prediction, predict_image
 from ssam.model.synthetic import SHAPES, make_image, write_shapes
 from ssam.model.train import Trainer, fit
 from ssam.model.train_config import load_train_config
+from ssam.overlay import render_overlay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,10 +31,20 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     write_shapes(work / "shards", images=96, per_shard=24, seed=0)
-    cfg = load_train_config(REPO / "configs/train/smoke.yaml", [
-        f"data.shards=[\"{work / 'shards'}\"]", "train.max_steps=1000", "train.batch_size=4", "train.lr=0.002",
-        "train.warmup_steps=20", "train.semantic_weight=3", "train.log_every=100", "train.checkpoint_every=1000",
-        "data.masks_per_image=4"])  # fmt: skip
+    cfg = load_train_config(
+        REPO / "configs/train/smoke.yaml",
+        [
+            f'data.shards=["{work / "shards"}"]',
+            "train.max_steps=1000",
+            "train.batch_size=4",
+            "train.lr=0.002",
+            "train.warmup_steps=20",
+            "train.semantic_weight=3",
+            "train.log_every=100",
+            "train.checkpoint_every=1000",
+            "data.masks_per_image=4",
+        ],
+    )
     fit(Trainer(cfg, work / "run"), resume=False)
     loaded = load_for_prediction(str(work / "run/model.pt"), list(SHAPES))
     rng = np.random.default_rng(2024)
@@ -56,8 +66,12 @@ def main() -> None:
 
     d = ImageDraw.Draw(strip)
     d.rectangle((0, 0, strip.size[0], 26), fill=(200, 20, 20))
-    d.text((6, 5), "SMOKE MODEL trained 1000 CPU steps on synthetic shapes; held-out images, box prompts",
-           fill="white", font=ImageFont.load_default(size=14))  # fmt: skip
+    d.text(
+        (6, 5),
+        "SMOKE MODEL trained 1000 CPU steps on synthetic shapes; held-out images, box prompts",
+        fill="white",
+        font=ImageFont.load_default(size=14),
+    )
     strip.save(args.out)
     print(f"wrote {args.out}")
 

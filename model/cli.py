@@ -23,8 +23,12 @@ def _fail(msg: str) -> int:
 def train_main(argv: list[str] | None = None) -> int:
     from .train import __doc__ as doc
 
-    p = argparse.ArgumentParser(prog="ssam-train", description="Train Semantic-SAM on pipeline shards (+ SA-1B).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="ssam-train",
+        description="Train Semantic-SAM on pipeline shards (+ SA-1B).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc,
+    )
     p.add_argument("config", help="training YAML (configs/train/*.yaml)")
     p.add_argument(
         "--shards",
@@ -40,8 +44,14 @@ def train_main(argv: list[str] | None = None) -> int:
         help="checkpoints/, model.pt, metrics.jsonl, tb/ go here",
     )
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.pt exactly")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set train.max_steps=200 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.max_steps=200 (repeatable)",
+    )
     p.add_argument(
         "--num-workers", type=int, default=0, metavar="N", help="train data-parallel on N Ray Train workers"
     )
@@ -51,11 +61,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
     import json
 
+    from ssam.weights import WeightsUnavailable
+
     from .data import DataError
     from .semantic_sam import CheckpointError
     from .train import Trainer, fit, train_with_ray
     from .train_config import TrainConfigError, load_train_config
-    from .weights import WeightsUnavailable
 
     overrides = list(args.overrides)
     if args.shards:
@@ -87,10 +98,15 @@ def train_main(argv: list[str] | None = None) -> int:
 def _predict_options(args):
     from .predict import PredictOptions
 
-    return PredictOptions(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                          pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
-                          box_nms_thresh=args.nms_thresh, max_masks=args.max_masks,
-                          min_label_score=getattr(args, "min_label_score", 0.0))  # fmt: skip
+    return PredictOptions(
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
+        box_nms_thresh=args.nms_thresh,
+        max_masks=args.max_masks,
+        min_label_score=getattr(args, "min_label_score", 0.0),
+    )
 
 
 def _add_generator_flags(p: argparse.ArgumentParser) -> None:
@@ -120,14 +136,17 @@ def _add_generator_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    from ssam.device import resolve_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return str(resolve_device(name))
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ssam-predict", description="Segment images and name every mask from any vocabulary.",
-                                epilog="example: ssam-predict --checkpoint runs/train/model.pt --images photo.jpg --vocab coco --output preds")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="ssam-predict",
+        description="Segment images and name every mask from any vocabulary.",
+        epilog="example: ssam-predict --checkpoint runs/train/model.pt --images photo.jpg --vocab coco --output preds",
+    )
     p.add_argument("--checkpoint", required=True, help="a Semantic-SAM model.pt (from ssam-train)")
     p.add_argument("--images", required=True, nargs="+", help="image files, folders or globs")
     p.add_argument(
@@ -155,9 +174,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     _add_generator_flags(p)
     args = p.parse_args(argv)
 
+    from ssam.weights import WeightsUnavailable
+
     from .predict import load_for_prediction, parse_boxes, predict_files, resolve_images
     from .semantic_sam import CheckpointError
-    from .weights import WeightsUnavailable
 
     try:
         boxes = parse_boxes(args.boxes)
@@ -180,8 +200,11 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ssam-eval", description="Zero-shot COCO mask AP and class-agnostic mask AR.",
-                                epilog="example: ssam-eval --checkpoint runs/train/model.pt --coco val.json --images val2017/")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="ssam-eval",
+        description="Zero-shot COCO mask AP and class-agnostic mask AR.",
+        epilog="example: ssam-eval --checkpoint runs/train/model.pt --coco val.json --images val2017/",
+    )
     p.add_argument("--checkpoint", required=True, help="a Semantic-SAM model.pt")
     p.add_argument("--coco", required=True, help="COCO ground-truth JSON; its categories are the vocabulary")
     p.add_argument("--images", required=True, help="folder holding the GT images (by file_name)")
@@ -191,9 +214,10 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     import json
 
+    from ssam.weights import WeightsUnavailable
+
     from .predict import evaluate_coco
     from .semantic_sam import CheckpointError
-    from .weights import WeightsUnavailable
 
     try:
         result = evaluate_coco(

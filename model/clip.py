@@ -17,7 +17,7 @@ import numpy as np
 import open_clip
 import torch
 
-from .weights import WeightsUnavailable, cache_dir, offline, offline_reason
+from ssam.weights import WeightsUnavailable, cache_dir, offline, offline_reason
 
 SMOKE_CLIP = "ssam-smoke-clip"
 open_clip.add_model_config(Path(__file__).parent / "smoke" / f"{SMOKE_CLIP}.json")

@@ -1,6 +1,6 @@
 """Training data: our shards and SA-1B tars, streamed, mixed by weight, turned into prompts and targets.
 
-Everything is read through :mod:`ssam.model.format`. Nothing is loaded whole: each source walks
+Everything is read through :mod:`ssam.format`. Nothing is loaded whole: each source walks
 its tars one sample at a time, in a shard order reshuffled every epoch from ``(seed, epoch)``.
 A source's position ``(epoch, shard, sample)`` and the mixing generator's state are part of every
 checkpoint, so a resumed run sees exactly the samples the uninterrupted run would have.
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .format import decode_sample, iter_tar_samples, validate_sample
-from .overlay import decode_rle
-from .paths import expand_specs
+from ssam.format import decode_sample, iter_tar_samples, validate_sample
+from ssam.overlay import decode_rle
+from ssam.paths import expand_specs
 
 log = logging.getLogger("ssam.train")
 
@@ -137,8 +137,10 @@ class TarSource:
             jpg = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
             image = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
             if image.shape[:2] != (int(meta["image"]["height"]), int(meta["image"]["width"])):
-                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, JSON says "
-                                 f"{meta['image']['width']}x{meta['image']['height']}")  # fmt: skip
+                raise ValueError(
+                    f"image is {image.shape[1]}x{image.shape[0]}, JSON says "
+                    f"{meta['image']['width']}x{meta['image']['height']}"
+                )
         except Exception as e:  # noqa: BLE001 -- any failure of one sample is counted, not fatal
             self.counter.add_bad(f"{self.name}:{key}: {type(e).__name__}: {e}")
             return None
@@ -208,8 +210,14 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
         points.append([float(xs[k]) + 0.5, float(ys[k]) + 0.5])
         x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1
         jit = (torch.rand(4, generator=g) * 2 - 1) * cfg.box_jitter * torch.tensor([x1 - x0, y1 - y0] * 2)
-        boxes.append([max(0.0, x0 + jit[0].item()), max(0.0, y0 + jit[1].item()),
-                      min(float(w), x1 + jit[2].item()), min(float(h), y1 + jit[3].item())])  # fmt: skip
+        boxes.append(
+            [
+                max(0.0, x0 + jit[0].item()),
+                max(0.0, y0 + jit[1].item()),
+                min(float(w), x1 + jit[2].item()),
+                min(float(h), y1 + jit[3].item()),
+            ]
+        )
         padded = F.pad(m, (0, size - w, 0, size - h))
         masks.append(F.interpolate(padded[None, None], size=(low, low), mode="area")[0, 0].gt(0.5).float())
         labels.append(ann.get("label"))
@@ -218,5 +226,13 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
         return None
     n = len(masks)
     emb = torch.from_numpy(sample.emb[rows].astype(np.float32)) if sample.emb is not None else None
-    return Example(image, torch.tensor(boxes), torch.tensor(points), torch.rand(n, generator=g) < cfg.box_prompt_prob,
-                   torch.stack(masks), labels, emb, sample.key)  # fmt: skip
+    return Example(
+        image,
+        torch.tensor(boxes),
+        torch.tensor(points),
+        torch.rand(n, generator=g) < cfg.box_prompt_prob,
+        torch.stack(masks),
+        labels,
+        emb,
+        sample.key,
+    )

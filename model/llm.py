@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from .weights import WeightsUnavailable, cache_dir, offline
+from ssam.device import resolve_device
+from ssam.io import atomic_path
+from ssam.weights import WeightsUnavailable, cache_dir, offline
 
 SMOKE_LLM = "smoke"
 
@@ -48,16 +50,22 @@ def build_smoke_llm(path: Path, seed: int = 0) -> Path:
     from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
 
     tok = ByT5Tokenizer()
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=512,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(cfg)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(path)
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return path
 
 
@@ -72,8 +80,15 @@ def _resolve_model_dir(model: str) -> str:
 class TransformersGenerator:
     """Batched generation with ``transformers`` (greedy by default, so runs are repeatable)."""
 
-    def __init__(self, model: str, device: str = "cpu", max_new_tokens: int = 48, temperature: float = 0.0,
-                 dtype: str = "auto", seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        dtype: str = "auto",
+        seed: int = 0,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,19 +98,17 @@ class TransformersGenerator:
             self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
             self.model = (
-                AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device).eval()
+                AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+                .to(resolve_device(device))
+                .eval()
             )
         except OSError as e:  # hub unreachable, not cached, not a model directory
             raise WeightsUnavailable(f"LLM '{model}' could not be loaded: {e}") from e
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device, self.max_new_tokens, self.temperature, self.seed = (
-            device,
-            max_new_tokens,
-            temperature,
-            seed,
-        )
+        self.device = resolve_device(device)
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.provenance = {"backend": "transformers", "model": model, "smoke": model == SMOKE_LLM}
 
     def _format(self, prompt: str) -> str:
@@ -109,14 +122,25 @@ class TransformersGenerator:
 
         if not prompts:
             return []
-        enc = self.tokenizer([self._format(p) for p in prompts], return_tensors="pt", padding=True,
-                             truncation=True, max_length=384).to(self.device)  # fmt: skip
+        enc = self.tokenizer(
+            [self._format(p) for p in prompts],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=384,
+        ).to(self.device)
         sample = self.temperature > 0
         torch.manual_seed(self.seed)
         with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=sample,
-                                      temperature=self.temperature if sample else None, top_p=None, top_k=None,
-                                      pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=sample,
+                temperature=self.temperature if sample else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
@@ -124,16 +148,29 @@ class TransformersGenerator:
 class VllmGenerator:
     """vLLM offline batched generation on GPUs (``pip install .[vllm]``)."""
 
-    def __init__(self, model: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85, dtype: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        dtype: str = "auto",
+    ):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
             raise WeightsUnavailable(
                 "candidates.backend=vllm needs the vllm package: pip install '.[vllm]'"
             ) from e
-        self.llm = LLM(model=_resolve_model_dir(model), tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed)  # fmt: skip
+        self.llm = LLM(
+            model=_resolve_model_dir(model),
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            seed=seed,
+        )
         self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
         self.provenance = {"backend": "vllm", "model": model, "smoke": model == SMOKE_LLM}
 

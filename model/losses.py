@@ -30,8 +30,13 @@ def mask_iou(logits_mhw: torch.Tensor, target_mhw: torch.Tensor) -> torch.Tensor
     return inter / (p.sum(1) + t.sum(1) - inter).clamp(min=1)
 
 
-def mask_losses(masks_mkhw: torch.Tensor, iou_pred_mk: torch.Tensor, target_mhw: torch.Tensor,
-                focal_w: float, dice_w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def mask_losses(
+    masks_mkhw: torch.Tensor,
+    iou_pred_mk: torch.Tensor,
+    target_mhw: torch.Tensor,
+    focal_w: float,
+    dice_w: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lowest-loss-output mask loss, IoU-head loss, the chosen output index ``[M]`` and its IoU ``[M]``."""
     m, k = masks_mkhw.shape[:2]
     target = target_mhw[:, None].expand(-1, k, -1, -1)
@@ -46,9 +51,15 @@ def mask_losses(masks_mkhw: torch.Tensor, iou_pred_mk: torch.Tensor, target_mhw:
     return chosen, iou_loss, best, ious.gather(1, best[:, None])[:, 0]
 
 
-def semantic_losses(sem_md: torch.Tensor, score_m: torch.Tensor, labels: list[str], text_ld: torch.Tensor,
-                    label_index: dict[str, int], scale: torch.Tensor,
-                    crop_emb_md: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def semantic_losses(
+    sem_md: torch.Tensor,
+    score_m: torch.Tensor,
+    labels: list[str],
+    text_ld: torch.Tensor,
+    label_index: dict[str, int],
+    scale: torch.Tensor,
+    crop_emb_md: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contrastive loss, score loss and label accuracy for M labelled masks.
 
     Args:

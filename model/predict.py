@@ -17,12 +17,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
+from ssam.overlay import render_overlay
+from ssam.paths import expand_specs
+from ssam.vocab import load_vocabulary
+
 from .clip import encode_texts, load_clip
-from .overlay import render_overlay
-from .paths import expand_specs
 from .predictor import SemanticPredictor
 from .semantic_sam import CheckpointError, load_model
-from .vocab import load_vocabulary
 
 log = logging.getLogger("ssam.predict")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -61,8 +62,10 @@ def load_for_prediction(checkpoint: str, vocab_spec: str | list[str], device: st
         clip_info["name"], clip_info.get("pretrained"), seed=clip_info.get("seed", 0), device=device
     )
     if clip.embed_dim != model.config.clip_dim:
-        raise CheckpointError(f"{checkpoint}: label space is {model.config.clip_dim}-d but CLIP {clip_info['name']} "
-                              f"gives {clip.embed_dim}-d text embeddings")  # fmt: skip
+        raise CheckpointError(
+            f"{checkpoint}: label space is {model.config.clip_dim}-d but CLIP {clip_info['name']} "
+            f"gives {clip.embed_dim}-d text embeddings"
+        )
     vocab = load_vocabulary(vocab_spec)
     smoke = bool(clip_info.get("smoke")) or model.config.sam_size == "smoke"
     return Loaded(SemanticPredictor(model, device), clip_info, smoke, vocab, encode_texts(clip, vocab))
@@ -105,30 +108,48 @@ def predict_image(loaded: Loaded, image: np.ndarray, opts: PredictOptions, boxes
     if boxes is not None:
         masks, iou, sem, score = pred.predict(boxes=np.asarray(boxes, np.float32))
     else:
-        masks, iou, sem, score = pred.generate(opts.points_per_side, opts.points_per_batch, opts.pred_iou_thresh,
-                                               opts.stability_score_thresh, opts.box_nms_thresh, opts.max_masks)  # fmt: skip
+        masks, iou, sem, score = pred.generate(
+            opts.points_per_side,
+            opts.points_per_batch,
+            opts.pred_iou_thresh,
+            opts.stability_score_thresh,
+            opts.box_nms_thresh,
+            opts.max_masks,
+        )
     labels, probs = pred.name(sem, loaded.vocab_emb, loaded.vocab, opts.min_label_score)
     anns = []
     for i in range(len(masks)):
         rle = mask_utils.encode(np.asfortranarray(masks[i].astype(np.uint8)))
-        anns.append({"segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
-                     "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": int(mask_utils.area(rle)),
-                     "label": labels[i], "label_score": round(float(probs[i]), 4),
-                     "predicted_iou": round(float(iou[i]), 4), "predicted_cosine": round(float(score[i]), 4),
-                     "score": round(float(probs[i]) * float(iou[i]), 4)})  # fmt: skip
+        anns.append(
+            {
+                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "area": int(mask_utils.area(rle)),
+                "label": labels[i],
+                "label_score": round(float(probs[i]), 4),
+                "predicted_iou": round(float(iou[i]), 4),
+                "predicted_cosine": round(float(score[i]), 4),
+                "score": round(float(probs[i]) * float(iou[i]), 4),
+            }
+        )
     return anns
 
 
-def predict_files(loaded: Loaded, images: list[Path], output: Path, opts: PredictOptions, boxes=None,
-                  overlays: bool = True) -> tuple[Path, list[str]]:  # fmt: skip
+def predict_files(
+    loaded: Loaded, images: list[Path], output: Path, opts: PredictOptions, boxes=None, overlays: bool = True
+) -> tuple[Path, list[str]]:
     """Predict every image; write ``predictions.json`` (COCO) and ``overlays/*.png``.
 
     Returns the JSON path and one error message per image that could not be read.
     """
     output.mkdir(parents=True, exist_ok=True)
     cat_id = {name: i + 1 for i, name in enumerate(loaded.vocab)}
-    coco = {"info": {"description": "ssam-predict", "smoke": loaded.smoke, "clip": loaded.clip_info},
-            "images": [], "categories": [{"id": i, "name": n} for n, i in cat_id.items()], "annotations": []}  # fmt: skip
+    coco = {
+        "info": {"description": "ssam-predict", "smoke": loaded.smoke, "clip": loaded.clip_info},
+        "images": [],
+        "categories": [{"id": i, "name": n} for n, i in cat_id.items()],
+        "annotations": [],
+    }
     errors = []
     for path in images:
         try:
@@ -141,8 +162,15 @@ def predict_files(loaded: Loaded, images: list[Path], output: Path, opts: Predic
         coco["images"].append({"id": image_id, "file_name": str(path), "width": w, "height": h})
         anns = predict_image(loaded, image, opts, boxes)
         for a in anns:
-            coco["annotations"].append(dict(a, id=len(coco["annotations"]) + 1, image_id=image_id, iscrowd=0,
-                                            category_id=cat_id.get(a["label"])))  # fmt: skip
+            coco["annotations"].append(
+                dict(
+                    a,
+                    id=len(coco["annotations"]) + 1,
+                    image_id=image_id,
+                    iscrowd=0,
+                    category_id=cat_id.get(a["label"]),
+                )
+            )
         if overlays:
             (output / "overlays").mkdir(exist_ok=True)
             render_overlay(image, anns, smoke=loaded.smoke).save(output / "overlays" / f"{path.stem}.png")
@@ -189,11 +217,28 @@ def evaluate_coco(
             missing.append(str(e))
             continue
         for a in predict_image(loaded, image, opts):
-            dets.append({"image_id": img["id"], "category_id": name_to_id[a["label"]], "segmentation": a["segmentation"],
-                         "score": a["score"], "bbox": a["bbox"], "area": a["area"]})  # fmt: skip
+            dets.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": name_to_id[a["label"]],
+                    "segmentation": a["segmentation"],
+                    "score": a["score"],
+                    "bbox": a["bbox"],
+                    "area": a["area"],
+                }
+            )
     seg_ap = _coco_eval(gt, dets, use_cats=True)
     agnostic = _coco_eval(gt, dets, use_cats=False)
-    return {"mask_AP": float(seg_ap[0]), "mask_AP50": float(seg_ap[1]), "mask_AP75": float(seg_ap[2]),
-            "agnostic_AR@1": float(agnostic[6]), "agnostic_AR@10": float(agnostic[7]),
-            "agnostic_AR@100": float(agnostic[8]), "images": len(gt.getImgIds()), "detections": len(dets),
-            "unreadable_images": missing, "smoke": loaded.smoke, "checkpoint": str(loaded_ckpt)}  # fmt: skip
+    return {
+        "mask_AP": float(seg_ap[0]),
+        "mask_AP50": float(seg_ap[1]),
+        "mask_AP75": float(seg_ap[2]),
+        "agnostic_AR@1": float(agnostic[6]),
+        "agnostic_AR@10": float(agnostic[7]),
+        "agnostic_AR@100": float(agnostic[8]),
+        "images": len(gt.getImgIds()),
+        "detections": len(dets),
+        "unreadable_images": missing,
+        "smoke": loaded.smoke,
+        "checkpoint": str(loaded_ckpt),
+    }

@@ -82,8 +82,15 @@ class SemanticPredictor:
         )
 
     @torch.inference_mode()
-    def generate(self, points_per_side: int = 32, points_per_batch: int = 64, pred_iou_thresh: float = 0.8,
-                 stability_score_thresh: float = 0.9, box_nms_thresh: float = 0.7, max_masks: int = 200):  # fmt: skip
+    def generate(
+        self,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.8,
+        stability_score_thresh: float = 0.9,
+        box_nms_thresh: float = 0.7,
+        max_masks: int = 200,
+    ):
         """Automatic masks (SAM's recipe); returns masks NxHxW bool, iou N, semantic NxD, score N."""
         h, w = self.original_size
         grid = build_point_grid(points_per_side) * np.array([[w, h]])
@@ -121,8 +128,9 @@ class SemanticPredictor:
             score[keep].cpu().numpy(),
         )
 
-    def name(self, semantic_nd: np.ndarray, vocab_emb_vd: np.ndarray, vocab: list[str],
-             min_label_score: float) -> tuple[list[str | None], np.ndarray]:  # fmt: skip
+    def name(
+        self, semantic_nd: np.ndarray, vocab_emb_vd: np.ndarray, vocab: list[str], min_label_score: float
+    ) -> tuple[list[str | None], np.ndarray]:
         """The nearest vocabulary entry per embedding and its softmax probability (None below the threshold)."""
         if len(semantic_nd) == 0:
             return [], np.zeros(0)

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from .weights import WeightsUnavailable, fetch
+from ssam.weights import WeightsUnavailable, fetch
 
 _OFFICIAL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
@@ -50,14 +50,56 @@ def register_sam_size(name: str, size: SamSize) -> None:
     SAM_SIZES[name] = size
 
 
-register_sam_size("vit_h", SamSize(1280, 32, 16, (7, 15, 23, 31), checkpoint_url=_OFFICIAL + "sam_vit_h_4b8939.pth",
-                                   checkpoint_sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"))  # fmt: skip
-register_sam_size("vit_l", SamSize(1024, 24, 16, (5, 11, 17, 23), checkpoint_url=_OFFICIAL + "sam_vit_l_0b3195.pth",
-                                   checkpoint_sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"))  # fmt: skip
-register_sam_size("vit_b", SamSize(768, 12, 12, (2, 5, 8, 11), checkpoint_url=_OFFICIAL + "sam_vit_b_01ec64.pth",
-                                   checkpoint_sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"))  # fmt: skip
-register_sam_size("smoke", SamSize(64, 2, 2, (1,), img_size=256, prompt_dim=32, window_size=4, decoder_mlp_dim=64,
-                                   decoder_heads=2, iou_hidden_dim=32, mask_in_chans=4, smoke=True))  # fmt: skip
+register_sam_size(
+    "vit_h",
+    SamSize(
+        1280,
+        32,
+        16,
+        (7, 15, 23, 31),
+        checkpoint_url=_OFFICIAL + "sam_vit_h_4b8939.pth",
+        checkpoint_sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    ),
+)
+register_sam_size(
+    "vit_l",
+    SamSize(
+        1024,
+        24,
+        16,
+        (5, 11, 17, 23),
+        checkpoint_url=_OFFICIAL + "sam_vit_l_0b3195.pth",
+        checkpoint_sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    ),
+)
+register_sam_size(
+    "vit_b",
+    SamSize(
+        768,
+        12,
+        12,
+        (2, 5, 8, 11),
+        checkpoint_url=_OFFICIAL + "sam_vit_b_01ec64.pth",
+        checkpoint_sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    ),
+)
+register_sam_size(
+    "smoke",
+    SamSize(
+        64,
+        2,
+        2,
+        (1,),
+        img_size=256,
+        prompt_dim=32,
+        window_size=4,
+        decoder_mlp_dim=64,
+        decoder_heads=2,
+        iou_hidden_dim=32,
+        mask_in_chans=4,
+        smoke=True,
+    ),
+)
 
 
 def list_sam_sizes() -> list[str]:
@@ -115,8 +157,13 @@ def build_sam(name: str, seed: int = 0) -> Sam:
             iou_head_depth=3,
             iou_head_hidden_dim=size.iou_hidden_dim,
         )
-    sam = Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
-              pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])  # fmt: skip
+    sam = Sam(
+        image_encoder=encoder,
+        prompt_encoder=prompt,
+        mask_decoder=decoder,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
     return sam.eval()
 
 
@@ -150,7 +197,7 @@ def load_sam(name: str, checkpoint: str | None, seed: int = 0) -> tuple[Sam, dic
         "smoke": get_sam_size(name).smoke,
     }
     if path is not None:
-        from .weights import sha256_file
+        from ssam.weights import sha256_file
 
         state = torch.load(path, map_location="cpu", weights_only=True)
         sam.load_state_dict(state)

@@ -23,6 +23,8 @@ from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
+from ssam.io import atomic_path
+
 from .sam import build_sam_modules, get_sam_size
 
 CHECKPOINT_FORMAT = "ssam-semantic-sam"
@@ -32,18 +34,36 @@ CHECKPOINT_VERSION = 1
 class SemanticMaskDecoder(MaskDecoder):
     """SAM's mask decoder plus semantic tokens, a score token and their heads."""
 
-    def __init__(self, *, transformer_dim: int, transformer: nn.Module, clip_dim: int, num_multimask_outputs: int = 3,
-                 iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, semantic_head_depth: int = 3):  # fmt: skip
-        super().__init__(transformer_dim=transformer_dim, transformer=transformer,
-                         num_multimask_outputs=num_multimask_outputs, iou_head_depth=iou_head_depth,
-                         iou_head_hidden_dim=iou_head_hidden_dim)  # fmt: skip
+    def __init__(
+        self,
+        *,
+        transformer_dim: int,
+        transformer: nn.Module,
+        clip_dim: int,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+        semantic_head_depth: int = 3,
+    ):
+        super().__init__(
+            transformer_dim=transformer_dim,
+            transformer=transformer,
+            num_multimask_outputs=num_multimask_outputs,
+            iou_head_depth=iou_head_depth,
+            iou_head_hidden_dim=iou_head_hidden_dim,
+        )
         self.semantic_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.score_token = nn.Embedding(1, transformer_dim)
         self.semantic_head = MLP(transformer_dim, transformer_dim, clip_dim, semantic_head_depth)
         self.score_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
-    def predict_all(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                    dense: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    def predict_all(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         """All four outputs for P prompts.
 
         Args:
@@ -55,8 +75,15 @@ class SemanticMaskDecoder(MaskDecoder):
             score ``Px4`` (predicted cosine).
         """
         k = self.num_mask_tokens
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.semantic_tokens.weight,
-                                self.score_token.weight], dim=0)  # fmt: skip
+        out_tokens = torch.cat(
+            [
+                self.iou_token.weight,
+                self.mask_tokens.weight,
+                self.semantic_tokens.weight,
+                self.score_token.weight,
+            ],
+            dim=0,
+        )
         tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
         src = (
             image_embeddings.expand(tokens.shape[0], -1, -1, -1)
@@ -91,8 +118,13 @@ class SemanticSam(Sam):
     def __init__(
         self, config: SemanticSamConfig, image_encoder, prompt_encoder, mask_decoder: SemanticMaskDecoder
     ):
-        super().__init__(image_encoder=image_encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder,
-                         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])  # fmt: skip
+        super().__init__(
+            image_encoder=image_encoder,
+            prompt_encoder=prompt_encoder,
+            mask_decoder=mask_decoder,
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
         self.config = config
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -100,8 +132,12 @@ class SemanticSam(Sam):
         """Normalised, padded ``Bx3xSxS`` images -> image-encoder features ``BxCxhxw``."""
         return self.image_encoder(images_bchw)
 
-    def decode(self, features_1chw: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
-               boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    def decode(
+        self,
+        features_1chw: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Outputs for P prompts on one image (points ``PxNx2`` + labels ``PxN``, or boxes ``Px4`` XYXY,
         in the padded input frame). Returns :meth:`SemanticMaskDecoder.predict_all`'s four tensors."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
@@ -141,8 +177,12 @@ class SemanticSam(Sam):
     @staticmethod
     def new_parameter_names(model: SemanticSam) -> set[str]:
         """Parameters that SAM does not have (what a SAM checkpoint leaves missing)."""
-        return {n for n, _ in model.named_parameters()
-                if n == "logit_scale" or n.split(".")[1] in ("semantic_tokens", "score_token", "semantic_head", "score_head")}  # fmt: skip
+        return {
+            n
+            for n, _ in model.named_parameters()
+            if n == "logit_scale"
+            or n.split(".")[1] in ("semantic_tokens", "score_token", "semantic_head", "score_head")
+        }
 
 
 def build_semantic_sam(sam_size: str, clip_dim: int, seed: int = 0) -> SemanticSam:
@@ -151,8 +191,12 @@ def build_semantic_sam(sam_size: str, clip_dim: int, seed: int = 0) -> SemanticS
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         encoder, prompt, transformer = build_sam_modules(size)
-        decoder = SemanticMaskDecoder(transformer_dim=size.prompt_dim, transformer=transformer, clip_dim=clip_dim,
-                                      iou_head_hidden_dim=size.iou_hidden_dim)  # fmt: skip
+        decoder = SemanticMaskDecoder(
+            transformer_dim=size.prompt_dim,
+            transformer=transformer,
+            clip_dim=clip_dim,
+            iou_head_hidden_dim=size.iou_hidden_dim,
+        )
         return SemanticSam(SemanticSamConfig(sam_size, clip_dim), encoder, prompt, decoder)
 
 
@@ -177,24 +221,29 @@ def load_sam_weights(model: SemanticSam, state: dict[str, torch.Tensor], source:
     missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
     expected_missing = SemanticSam.new_parameter_names(model)
     if unexpected or missing != expected_missing:
-        raise CheckpointError(f"{source}: not a SAM {model.config.sam_size} checkpoint; unexpected keys "
-                              f"{sorted(unexpected)[:8]}, missing SAM keys {sorted(missing - expected_missing)[:8]}")  # fmt: skip
+        raise CheckpointError(
+            f"{source}: not a SAM {model.config.sam_size} checkpoint; unexpected keys "
+            f"{sorted(unexpected)[:8]}, missing SAM keys {sorted(missing - expected_missing)[:8]}"
+        )
     return missing
 
 
 def save_model(path, model: SemanticSam, clip_info: dict, extra: dict | None = None) -> None:
     """Write ``{format, version, model_config, clip, state_dict, ...}`` atomically (temp + rename)."""
-    import os
-    import uuid
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_config": asdict(model.config),
-               "clip": dict(clip_info), "state_dict": model.state_dict(), **(extra or {})}  # fmt: skip
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_config": asdict(model.config),
+        "clip": dict(clip_info),
+        "state_dict": model.state_dict(),
+        **(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def read_checkpoint(path) -> dict:
@@ -208,8 +257,11 @@ def read_checkpoint(path) -> dict:
             f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})"
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        kind = "a SAM state dict (use it as model.sam_checkpoint to initialise training)" if isinstance(payload, dict) \
-            and any(k.startswith("image_encoder.") for k in payload) else "not a Semantic-SAM checkpoint"  # fmt: skip
+        kind = (
+            "a SAM state dict (use it as model.sam_checkpoint to initialise training)"
+            if isinstance(payload, dict) and any(k.startswith("image_encoder.") for k in payload)
+            else "not a Semantic-SAM checkpoint"
+        )
         raise CheckpointError(f"{path}: {kind}")
     return payload
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from .format import Sample, ShardContent, write_shard
+from ssam.format import Sample, ShardContent, write_shard
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -55,21 +55,40 @@ def annotation(i: int, label: str, mask_hw: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask_hw.astype(np.uint8)))
     x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
     ys, xs = np.nonzero(mask_hw)
-    return {"id": i, "segmentation": {"size": list(mask_hw.shape), "counts": rle["counts"].decode()},
-            "bbox": [x, y, w, h], "area": int(mask_hw.sum()), "predicted_iou": 1.0, "stability_score": 1.0,
-            "point_coords": [[float(xs.mean()), float(ys.mean())]], "crop_box": [0.0, 0.0, float(mask_hw.shape[1]),
-            float(mask_hw.shape[0])], "label": label, "label_score": 1.0, "topk": [{"label": label, "score": 1.0}]}  # fmt: skip
+    return {
+        "id": i,
+        "segmentation": {"size": list(mask_hw.shape), "counts": rle["counts"].decode()},
+        "bbox": [x, y, w, h],
+        "area": int(mask_hw.sum()),
+        "predicted_iou": 1.0,
+        "stability_score": 1.0,
+        "point_coords": [[float(xs.mean()), float(ys.mean())]],
+        "crop_box": [0.0, 0.0, float(mask_hw.shape[1]), float(mask_hw.shape[0])],
+        "label": label,
+        "label_score": 1.0,
+        "topk": [{"label": label, "score": 1.0}],
+    }
 
 
 def make_sample(key: str, rng: np.random.Generator, size: int = 128, emb_dim: int = 0) -> Sample:
     img, shapes = make_image(rng, size)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "PNG")  # lossless: masks match pixels exactly
-    meta = {"image": {"image_id": int(key), "key": key, "file_name": f"{key}.jpg", "width": size, "height": size,
-                      "url": "", "caption": "synthetic shapes", "sha256": ""},
-            "candidates": [{"label": s, "source": "caption"} for s in SHAPES],
-            "annotations": [annotation(i, lab, m) for i, (lab, m) in enumerate(shapes)],
-            "provenance": {"synthetic": True, "smoke": False, "pipeline_version": "synthetic"}}  # fmt: skip
+    meta = {
+        "image": {
+            "image_id": int(key),
+            "key": key,
+            "file_name": f"{key}.jpg",
+            "width": size,
+            "height": size,
+            "url": "",
+            "caption": "synthetic shapes",
+            "sha256": "",
+        },
+        "candidates": [{"label": s, "source": "caption"} for s in SHAPES],
+        "annotations": [annotation(i, lab, m) for i, (lab, m) in enumerate(shapes)],
+        "provenance": {"synthetic": True, "smoke": False, "pipeline_version": "synthetic"},
+    }
     emb = None
     if emb_dim:  # stand-in crop embeddings (random unit vectors): exercise the score loss, mean nothing
         e = rng.normal(size=(len(shapes), emb_dim))
@@ -107,9 +126,17 @@ def write_coco(out_dir: str | Path, images: int, seed: int = 1, size: int = 128)
         coco["images"].append({"id": i + 1, "file_name": name, "width": size, "height": size})
         for lab, m in shapes:
             ann = annotation(len(coco["annotations"]) + 1, lab, m)
-            coco["annotations"].append({"id": ann["id"], "image_id": i + 1, "category_id": SHAPES.index(lab) + 1,
-                                        "segmentation": ann["segmentation"], "area": ann["area"],
-                                        "bbox": ann["bbox"], "iscrowd": 0})  # fmt: skip
+            coco["annotations"].append(
+                {
+                    "id": ann["id"],
+                    "image_id": i + 1,
+                    "category_id": SHAPES.index(lab) + 1,
+                    "segmentation": ann["segmentation"],
+                    "area": ann["area"],
+                    "bbox": ann["bbox"],
+                    "iscrowd": 0,
+                }
+            )
     (out / "gt.json").write_text(json.dumps(coco))
     return out / "gt.json"
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from ssam.device import resolve_device
+from ssam.io import atomic_path
 
 from .data import BadDataCounter, MixedSource, TarSource, prepare_example, resolve_tars
 from .losses import mask_losses, semantic_losses
@@ -46,9 +47,8 @@ class TextEmbeddings:
 
     def save(self) -> None:
         if self.path is not None:
-            tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-            torch.save(self.table, tmp)
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                torch.save(self.table, tmp)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -71,9 +71,7 @@ class Trainer:
 
         self.cfg, self.output, self.rank, self.world = cfg, Path(output), rank, world
         t = cfg.train
-        self.device = torch.device(
-            device or (t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        )
+        self.device = resolve_device(device or t.device)
         torch.manual_seed(cfg.seed + rank)
         m = cfg.model
         self.clip = load_clip(m.clip_model, m.clip_pretrained, seed=m.seed, device="cpu")
@@ -106,8 +104,10 @@ class Trainer:
         if m.init_checkpoint:
             model, payload = load_model(m.init_checkpoint)
             if payload["model_config"]["clip_dim"] != self.clip.embed_dim:
-                raise ValueError(f"{m.init_checkpoint}: label space is {payload['model_config']['clip_dim']}-d, "
-                                 f"CLIP {m.clip_model} is {self.clip.embed_dim}-d")  # fmt: skip
+                raise ValueError(
+                    f"{m.init_checkpoint}: label space is {payload['model_config']['clip_dim']}-d, "
+                    f"CLIP {m.clip_model} is {self.clip.embed_dim}-d"
+                )
             return model.train()
         model = build_semantic_sam(m.size, self.clip.embed_dim, seed=m.seed)
         from .sam import resolve_sam_checkpoint
@@ -174,8 +174,15 @@ class Trainer:
             distinct = list(dict.fromkeys(labels[i] for i in lab_rows))
             text = self.text.get(distinct).to(dev)
             crop = self._crop_embeddings(examples, order, text.shape[1])[rows.cpu()].to(dev)
-            con, sc, acc = semantic_losses(sem, score, [labels[i] for i in lab_rows], text,
-                                           {lab: j for j, lab in enumerate(distinct)}, scale, crop)  # fmt: skip
+            con, sc, acc = semantic_losses(
+                sem,
+                score,
+                [labels[i] for i in lab_rows],
+                text,
+                {lab: j for j, lab in enumerate(distinct)},
+                scale,
+                crop,
+            )
             loss = loss + t.semantic_weight * con + t.score_weight * sc
             metrics.update(semantic_loss=con.item(), score_loss=sc.item(), label_acc=acc.item())
         # Zero-weighted use of every output: each parameter the forward touched gets a gradient
@@ -190,16 +197,28 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        metrics.update(step=self.step, loss=loss.item(), lr=self.sched.get_last_lr()[0],
-                       labelled_masks=len(lab_rows), masks=len(labels), bad_samples=self.counter.bad)  # fmt: skip
+        metrics.update(
+            step=self.step,
+            loss=loss.item(),
+            lr=self.sched.get_last_lr()[0],
+            labelled_masks=len(lab_rows),
+            masks=len(labels),
+            bad_samples=self.counter.bad,
+        )
         return metrics
 
     # ------------------------------------------------------------------------------------------
 
     def train_state(self) -> dict:
-        return {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "torch_rng": torch.get_rng_state(), "example_rng": self.g.get_state(), "data": self.data.state(),
-                "config": self.cfg.model_dump(mode="json")}  # fmt: skip
+        return {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "example_rng": self.g.get_state(),
+            "data": self.data.state(),
+            "config": self.cfg.model_dump(mode="json"),
+        }
 
     def save_checkpoint(self, path: Path) -> None:
         save_model(path, self.core, self.clip_info, extra={"train_state": self.train_state()})
@@ -224,9 +243,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
 
 
 def fit(trainer: Trainer, resume: bool, report=None, progress: bool = True) -> Path:
@@ -268,8 +286,12 @@ def fit(trainer: Trainer, resume: bool, report=None, progress: bool = True) -> P
     final = out / "model.pt"
     if lead:
         writer.close()
-        save_model(final, trainer.core, trainer.clip_info,
-                   extra={"train_config": trainer.cfg.model_dump(mode="json"), "steps": trainer.step})  # fmt: skip
+        save_model(
+            final,
+            trainer.core,
+            trainer.clip_info,
+            extra={"train_config": trainer.cfg.model_dump(mode="json"), "steps": trainer.step},
+        )
     return final
 
 
@@ -284,8 +306,14 @@ def _ray_worker(config: dict) -> None:
     def wrap(model):
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    trainer = Trainer(cfg, Path(config["output"]), ctx.get_world_rank(), ctx.get_world_size(), wrap=wrap,
-                      device=ray.train.torch.get_device())  # fmt: skip
+    trainer = Trainer(
+        cfg,
+        Path(config["output"]),
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        wrap=wrap,
+        device=ray.train.torch.get_device(),
+    )
     fit(trainer, config["resume"], report=lambda m: ray.train.report(m), progress=False)
 
 

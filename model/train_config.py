@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .configio import load_validated
+from ssam.configio import load_validated
 
 
 class TrainConfigError(ValueError):

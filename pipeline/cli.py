@@ -21,8 +21,12 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssam-pipeline", description="Semantic-SAM factory: LAION pairs -> labelled mask shards.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="ssam-pipeline",
+        description="Semantic-SAM factory: LAION pairs -> labelled mask shards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "run", help="run or resume the pipeline", description="Run (or resume) the pipeline on a config."
@@ -32,8 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", nargs="+", metavar="PATH", help="override input.path: parquet files, directories or globs"
     )
     r.add_argument("--output", metavar="DIR", help="override output.dir: the run directory")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override one config key, e.g. --set masks.points_per_side=16 (repeatable; value parsed as YAML)")  # fmt: skip
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one config key, e.g. --set masks.points_per_side=16 (repeatable; value parsed as YAML)",
+    )
     v = sub.add_parser(
         "validate",
         help="check a run's shards against the format",
@@ -77,7 +87,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from ssam.model.format import validate_run
+    from ssam.format import validate_run
 
     errs = validate_run(args.run_dir)
     for e in errs:
@@ -93,8 +103,8 @@ def cmd_show(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from ssam.model.format import complete_shards, decode_sample, iter_tar_samples
-    from ssam.model.overlay import render_overlay
+    from ssam.format import complete_shards, decode_sample, iter_tar_samples
+    from ssam.overlay import render_overlay
 
     out = Path(args.out or Path(args.run_dir) / "overlays")
     out.mkdir(parents=True, exist_ok=True)

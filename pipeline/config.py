@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ssam.model.configio import config_rows, load_validated
+from ssam.configio import config_rows, load_validated
 
 
 class ConfigError(ValueError):
@@ -105,8 +105,10 @@ class DownloadConfig(Section):
     user_agent_token: str | None = Field(
         "ssam-factory", description="token added to img2dataset's user agent"
     )
-    disallowed_header_directives: list[str] = Field(["noai", "noimageai", "noindex", "noimageindex"],
-                                                    description="X-Robots-Tag directives that make a site opt out")  # fmt: skip
+    disallowed_header_directives: list[str] = Field(
+        ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that make a site opt out",
+    )
 
 
 class CandidatesConfig(Section):
@@ -256,8 +258,11 @@ class PipelineConfig(Section):
     @property
     def smoke(self) -> bool:
         """True when any model is a random smoke model: the output is then meaningless."""
-        return (self.masks.sam_model == "smoke" or self.labels.clip_model == "ssam-smoke-clip"
-                or (self.candidates.backend != "none" and self.candidates.llm_model == "smoke"))  # fmt: skip
+        return (
+            self.masks.sam_model == "smoke"
+            or self.labels.clip_model == "ssam-smoke-clip"
+            or (self.candidates.backend != "none" and self.candidates.llm_model == "smoke")
+        )
 
 
 # ---------------------------------------------------------------------------------------------

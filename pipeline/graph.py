@@ -35,8 +35,12 @@ def _chunks(batch: dict[str, list], size: int):
         yield {k: v[s : s + size] for k, v in batch.items()}
 
 
-def run_local(cfg: PipelineConfig, shard_stems: list[Path], assembler: ShardAssembler,
-              on_shard: Callable[[int], None] = lambda s: None) -> None:  # fmt: skip
+def run_local(
+    cfg: PipelineConfig,
+    shard_stems: list[Path],
+    assembler: ShardAssembler,
+    on_shard: Callable[[int], None] = lambda s: None,
+) -> None:
     """Sequential executor: the same stage objects, in this process, one batch at a time."""
     stages = [cls(cfg) for _, cls in STAGES]
     size = cfg.ray.masks.batch_size
@@ -52,8 +56,12 @@ def init_ray(cfg: PipelineConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+        ray.init(
+            address=cfg.ray.address,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
 
 
 def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
@@ -82,8 +90,12 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
     return ds
 
 
-def run_ray(cfg: PipelineConfig, shard_stems: list[Path], assembler: ShardAssembler,
-            on_shard: Callable[[int], None] = lambda s: None) -> None:  # fmt: skip
+def run_ray(
+    cfg: PipelineConfig,
+    shard_stems: list[Path],
+    assembler: ShardAssembler,
+    on_shard: Callable[[int], None] = lambda s: None,
+) -> None:
     """Ray Data executor; the driver assembles and writes shards as their rows stream in."""
     init_ray(cfg)
     ds = build_dataset(cfg, shard_stems)

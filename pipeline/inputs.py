@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ssam.model.paths import expand_specs
+from ssam.paths import expand_specs
 from ssam.stages.download import resolve_file_url
 
 from .config import PipelineConfig
@@ -18,8 +18,14 @@ class InputError(ValueError):
     """The input cannot be read; the message names the file and the column."""
 
 
-_TEXT = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
-         pa.types.is_string_view, pa.types.is_dictionary)  # fmt: skip
+_TEXT = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_string_view,
+    pa.types.is_dictionary,
+)
 _NUMBER = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 
 
@@ -50,8 +56,9 @@ def check_inputs(cfg: PipelineConfig) -> list[Path]:
             raise InputError(f"{f}: not a readable parquet file: {e}") from e
         for role, name in (("url", cols.url), ("caption", cols.caption)):
             if name not in schema.names:
-                raise InputError(f"{f}: missing {role} column '{name}' (columns: {schema.names}); "
-                                 f"set input.columns.{role}")  # fmt: skip
+                raise InputError(
+                    f"{f}: missing {role} column '{name}' (columns: {schema.names}); set input.columns.{role}"
+                )
             _check_type(f, name, schema.field(name).type, _TEXT, "a string column")
         for role in ("width", "height", "similarity"):
             name = getattr(cols, role)
@@ -77,11 +84,14 @@ def iter_input_batches(
             n = rb.num_rows if limit is None else min(rb.num_rows, limit - index)
             if n <= 0:
                 return
-            batch = {r: data[name][:n] if name in present.values() else [None] * n
-                     for r, name in ((r, present.get(r)) for r in roles)}  # fmt: skip
+            batch = {
+                r: data[name][:n] if name in present.values() else [None] * n
+                for r, name in ((r, present.get(r)) for r in roles)
+            }
             batch["url"] = [u.decode("utf-8", "replace") if isinstance(u, bytes) else u for u in batch["url"]]
             batch["src_index"] = list(range(index, index + n))
-            batch["fetch_url"] = [resolve_file_url(u, f.parent.resolve()) if isinstance(u, str) else u
-                                  for u in batch["url"]]  # fmt: skip
+            batch["fetch_url"] = [
+                resolve_file_url(u, f.parent.resolve()) if isinstance(u, str) else u for u in batch["url"]
+            ]
             index += n
             yield batch

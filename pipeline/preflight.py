@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from ssam.model.format import PIPELINE_VERSION
-from ssam.model.weights import WeightsUnavailable, cache_dir, offline, sha256_file
+from ssam.format import PIPELINE_VERSION
+from ssam.weights import WeightsUnavailable, cache_dir, offline, sha256_file
 
 from .config import PipelineConfig
 
@@ -22,8 +22,11 @@ def _sam(cfg: PipelineConfig) -> dict:
     from ssam.model.sam import resolve_sam_checkpoint
 
     path = resolve_sam_checkpoint(cfg.masks.sam_model, cfg.masks.sam_checkpoint)
-    return {"name": cfg.masks.sam_model, "checkpoint": path,
-            "checkpoint_sha256": sha256_file(path) if path else None}  # fmt: skip
+    return {
+        "name": cfg.masks.sam_model,
+        "checkpoint": path,
+        "checkpoint_sha256": sha256_file(path) if path else None,
+    }
 
 
 def _clip(cfg: PipelineConfig) -> dict:
@@ -44,8 +47,11 @@ def _llm(cfg: PipelineConfig) -> dict:
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(c.llm_model, local_files_only=offline(),
-                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"])  # fmt: skip
+        snapshot_download(
+            c.llm_model,
+            local_files_only=offline(),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
+        )
     except Exception as e:  # noqa: BLE001 -- as above
         raise WeightsUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     return prov
@@ -88,9 +94,11 @@ def check_models(cfg: PipelineConfig) -> dict:
     prov: dict = {}
     missing: list[str] = []
     _hub_offline_if_unreachable()
-    for key, fn, what in (("sam", _sam, f"SAM {cfg.masks.sam_model}"),
-                          ("clip", _clip, f"CLIP {cfg.labels.clip_model}/{cfg.labels.clip_pretrained}"),
-                          ("llm", _llm, f"LLM {cfg.candidates.llm_model} ({cfg.candidates.backend})")):  # fmt: skip
+    for key, fn, what in (
+        ("sam", _sam, f"SAM {cfg.masks.sam_model}"),
+        ("clip", _clip, f"CLIP {cfg.labels.clip_model}/{cfg.labels.clip_pretrained}"),
+        ("llm", _llm, f"LLM {cfg.candidates.llm_model} ({cfg.candidates.backend})"),
+    ):
         try:
             prov[key] = fn(cfg)
         except (WeightsUnavailable, KeyError, OSError) as e:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ssam.model.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete, write_json_atomic
+from ssam.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete
+from ssam.io import atomic_path, write_json_atomic
 from ssam.stages.common import OK
 from ssam.stages.download import Downloader, shard_row_count, write_download_input
 from ssam.stages.filter import FilterStage
@@ -53,12 +53,16 @@ class RunSummary:
         out = [f"run: {self.run_dir}"]
         if self.nothing_to_do:
             out.append("nothing to do: every shard is complete")
-        out.append(f"input rows {t.get('input_rows', 0)} = written {t.get('written', 0)} + failed {t.get('failed', 0)}"
-                   f"  ({'adds up' if t.get('input_rows') == t.get('written', 0) + t.get('failed', 0) else 'DOES NOT ADD UP'})")  # fmt: skip
+        out.append(
+            f"input rows {t.get('input_rows', 0)} = written {t.get('written', 0)} + failed {t.get('failed', 0)}"
+            f"  ({'adds up' if t.get('input_rows') == t.get('written', 0) + t.get('failed', 0) else 'DOES NOT ADD UP'})"
+        )
         for reason, n in sorted(t.get("by_reason", {}).items(), key=lambda kv: -kv[1]):
             out.append(f"  {reason:<20} {n}")
-        out.append(f"shards complete {t.get('shards', 0)}, written by this run {len(self.shards_written_now)}; "
-                   f"annotations {t.get('annotations', 0)}, labelled {t.get('labelled', 0)}")  # fmt: skip
+        out.append(
+            f"shards complete {t.get('shards', 0)}, written by this run {len(self.shards_written_now)}; "
+            f"annotations {t.get('annotations', 0)}, labelled {t.get('labelled', 0)}"
+        )
         for stage, rate in self.stage_rows_per_s.items():
             out.append(f"  {stage:<11} {rate:8.2f} rows/s per worker")
         if self.wall_s:
@@ -90,12 +94,19 @@ def prepare(cfg: PipelineConfig, run: Path, files: list[Path]) -> int:
         n_rows += len(out["url"])
         for k in merged:
             merged[k] += out[k]
-        fails += [{"key": f"input-{out['src_index'][i]}", "url": str(out["url"][i] or ""), "stage": "filter",
-                   "reason": s, "detail": out["fail_detail"][i]}
-                  for i, s in enumerate(out["status"]) if s != OK]  # fmt: skip
-    tmp = failures_path.with_name(failures_path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA), tmp)
-    os.replace(tmp, failures_path)
+        fails += [
+            {
+                "key": f"input-{out['src_index'][i]}",
+                "url": str(out["url"][i] or ""),
+                "stage": "filter",
+                "reason": s,
+                "detail": out["fail_detail"][i],
+            }
+            for i, s in enumerate(out["status"])
+            if s != OK
+        ]
+    with atomic_path(failures_path) as tmp:
+        pq.write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA), tmp)
     kept = write_download_input(merged, target)
     write_json_atomic(marker, {"input_rows": n_rows, "kept": kept, "filtered": len(fails)})
     return n_rows
@@ -114,9 +125,15 @@ def collect_totals(run: Path, input_rows: int) -> dict:
     filt = pq.read_table(run / "filter.failures.parquet", columns=["reason"]).column("reason").to_pylist()
     by_reason.update(filt)
     written = by_reason.pop("written", 0)
-    return {"input_rows": input_rows, "written": written, "failed": sum(by_reason.values()),
-            "by_reason": dict(by_reason), "shards": len(complete_shards(shard_dir)),
-            "annotations": ann, "labelled": labelled}  # fmt: skip
+    return {
+        "input_rows": input_rows,
+        "written": written,
+        "failed": sum(by_reason.values()),
+        "by_reason": dict(by_reason),
+        "shards": len(complete_shards(shard_dir)),
+        "annotations": ann,
+        "labelled": labelled,
+    }
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
@@ -134,8 +151,10 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
     fingerprint = config_fingerprint(cfg)
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     if previous and previous.get("config_fingerprint") != fingerprint:
-        raise ConfigError(f"{run} holds a run made with a different configuration "
-                          f"(fingerprint {previous.get('config_fingerprint')} != {fingerprint}); use a new output.dir")  # fmt: skip
+        raise ConfigError(
+            f"{run} holds a run made with a different configuration "
+            f"(fingerprint {previous.get('config_fingerprint')} != {fingerprint}); use a new output.dir"
+        )
     if previous and previous.get("finished"):
         return RunSummary(run, previous["totals"], nothing_to_do=True)
     files = check_inputs(cfg)  # schema errors stop the run before any model is touched or byte fetched
@@ -145,8 +164,14 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
             "*** SMOKE RUN: tiny random models; labels and masks are meaningless (marked smoke in every shard) ***"
         )
     run.mkdir(parents=True, exist_ok=True)
-    manifest = {"config": cfg.model_dump(mode="json"), "config_fingerprint": fingerprint, "provenance": provenance,
-                "finished": False, "shards": [], "totals": {}}  # fmt: skip
+    manifest = {
+        "config": cfg.model_dump(mode="json"),
+        "config_fingerprint": fingerprint,
+        "provenance": provenance,
+        "finished": False,
+        "shards": [],
+        "totals": {},
+    }
     write_json_atomic(manifest_path, manifest)
 
     input_rows = prepare(cfg, run, files)

@@ -14,7 +14,7 @@ import re
 import time
 from functools import lru_cache
 
-from ssam.model.vocab import load_vocabulary
+from ssam.vocab import load_vocabulary
 
 from .common import map_rows, ok_indices, record_time, to_lists
 
@@ -28,16 +28,94 @@ PROMPT_TEMPLATES = (
 )
 
 _WORD = re.compile(r"[a-z]+(?:[-'][a-z]+)*")
-_LEADING = {"a", "an", "the", "some", "many", "several", "few", "various", "other", "more", "lots", "of",
-            "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "multiple",
-            "possibly", "maybe", "probably", "likely", "additional", "any"}  # fmt: skip
+_LEADING = {
+    "a",
+    "an",
+    "the",
+    "some",
+    "many",
+    "several",
+    "few",
+    "various",
+    "other",
+    "more",
+    "lots",
+    "of",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "multiple",
+    "possibly",
+    "maybe",
+    "probably",
+    "likely",
+    "additional",
+    "any",
+}
 # Words that signal the model talking rather than naming an object.
-_JUNK = {"here", "sure", "list", "answer", "object", "objects", "item", "items", "thing", "things", "image",
-         "photo", "picture", "caption", "scene", "following", "etc", "none", "nothing", "noun", "nouns",
-         "example", "visible", "background", "foreground", "comma", "note", "assistant", "user", "i", "you",
-         "it", "they", "this", "that", "these", "those", "and", "or", "is", "are", "with", "without",
-         "include", "includes", "including", "such", "as", "also", "ignore", "instruction", "instructions",
-         "system", "prompt"}  # fmt: skip
+_JUNK = {
+    "here",
+    "sure",
+    "list",
+    "answer",
+    "object",
+    "objects",
+    "item",
+    "items",
+    "thing",
+    "things",
+    "image",
+    "photo",
+    "picture",
+    "caption",
+    "scene",
+    "following",
+    "etc",
+    "none",
+    "nothing",
+    "noun",
+    "nouns",
+    "example",
+    "visible",
+    "background",
+    "foreground",
+    "comma",
+    "note",
+    "assistant",
+    "user",
+    "i",
+    "you",
+    "it",
+    "they",
+    "this",
+    "that",
+    "these",
+    "those",
+    "and",
+    "or",
+    "is",
+    "are",
+    "with",
+    "without",
+    "include",
+    "includes",
+    "including",
+    "such",
+    "as",
+    "also",
+    "ignore",
+    "instruction",
+    "instructions",
+    "system",
+    "prompt",
+}
 
 
 @lru_cache(maxsize=100_000)
@@ -127,10 +205,16 @@ class CandidatesStage:
         self.c = c
         self.matcher = VocabularyMatcher(load_vocabulary(c.vocabulary))
         self.templates = c.prompt_templates or list(PROMPT_TEMPLATES)
-        self.generator = build_generator(c.backend, c.llm_model, device=c.device, max_new_tokens=c.max_new_tokens,
-                                         temperature=c.temperature, seed=cfg.seed,
-                                         tensor_parallel_size=c.tensor_parallel_size,
-                                         gpu_memory_utilization=c.gpu_memory_utilization)  # fmt: skip
+        self.generator = build_generator(
+            c.backend,
+            c.llm_model,
+            device=c.device,
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            seed=cfg.seed,
+            tensor_parallel_size=c.tensor_parallel_size,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+        )
         self.provenance = self.generator.provenance if self.generator else {"backend": "none", "model": None}
 
     def _llm_phrases(self, captions: list[str]) -> list[list[str]]:
@@ -171,7 +255,13 @@ class CandidatesStage:
         with_text = [j for j, cap in enumerate(captions) if cap]
         phrases = dict(zip(with_text, self._llm_phrases([captions[j] for j in with_text]), strict=True))
         by_row = {i: phrases.get(j, []) for j, i in enumerate(idx)}
-        map_rows(out, self.name, lambda i: {"candidates_json": json.dumps(self.candidates_for(out["caption"][i] or "", by_row[i]))},
-                 {"candidates_json": "[]"})  # fmt: skip
+        map_rows(
+            out,
+            self.name,
+            lambda i: {
+                "candidates_json": json.dumps(self.candidates_for(out["caption"][i] or "", by_row[i]))
+            },
+            {"candidates_json": "[]"},
+        )
         record_time(out, self.name, started)
         return out

@@ -48,8 +48,9 @@ def mark_failed(batch: dict[str, list], i: int, stage: str, reason: str, detail:
     batch["fail_detail"][i] = detail[:500]
 
 
-def map_rows(batch: dict[str, list], stage: str, fn: Callable[[int], dict[str, Any]],
-             new_columns: dict[str, Any]) -> None:  # fmt: skip
+def map_rows(
+    batch: dict[str, list], stage: str, fn: Callable[[int], dict[str, Any]], new_columns: dict[str, Any]
+) -> None:
     """Apply ``fn(i) -> {column: value}`` to every ok row, in place.
 
     ``new_columns`` gives each output column's value for rows that are not ok (or fail here).

@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssam.io import atomic_path
+
 from .common import OK
 
 DOWNLOAD_COLUMNS = ["fetch_url", "caption", "source_url", "src_index"]
@@ -62,15 +64,28 @@ class Downloader:
         d = self.d
         started = time.perf_counter()
         download(
-            url_list=str(input_parquet), input_format="parquet", url_col="fetch_url", caption_col="caption",
-            save_additional_columns=["source_url", "src_index"], output_folder=str(download_dir),
-            output_format="webdataset", processes_count=d.processes_count, thread_count=d.thread_count,
-            number_sample_per_shard=self.samples_per_shard, timeout=d.timeout_s, retries=d.retries,
-            distributor=d.distributor, disable_all_reencoding=True, image_size=d.image_size,
-            compute_hash="sha256", extract_exif=False, incremental_mode="incremental",
-            user_agent_token=d.user_agent_token, disallowed_header_directives=d.disallowed_header_directives,
+            url_list=str(input_parquet),
+            input_format="parquet",
+            url_col="fetch_url",
+            caption_col="caption",
+            save_additional_columns=["source_url", "src_index"],
+            output_folder=str(download_dir),
+            output_format="webdataset",
+            processes_count=d.processes_count,
+            thread_count=d.thread_count,
+            number_sample_per_shard=self.samples_per_shard,
+            timeout=d.timeout_s,
+            retries=d.retries,
+            distributor=d.distributor,
+            disable_all_reencoding=True,
+            image_size=d.image_size,
+            compute_hash="sha256",
+            extract_exif=False,
+            incremental_mode="incremental",
+            user_agent_token=d.user_agent_token,
+            disallowed_header_directives=d.disallowed_header_directives,
             enable_wandb=False,
-        )  # fmt: skip
+        )
         self.seconds = time.perf_counter() - started
         return downloaded_shards(download_dir)
 
@@ -92,8 +107,21 @@ def read_downloaded_shard(shard_stem: Path) -> dict[str, list]:
     except (OSError, tarfile.TarError) as e:
         tar_error = f"image tar unreadable: {e}"
     shard_id = int(shard_stem.name)
-    out: dict[str, list] = {c: [] for c in ("key", "shard_id", "url", "caption", "sha256", "image", "status",
-                                            "fail_stage", "fail_detail", "t_download")}  # fmt: skip
+    out: dict[str, list] = {
+        c: []
+        for c in (
+            "key",
+            "shard_id",
+            "url",
+            "caption",
+            "sha256",
+            "image",
+            "status",
+            "fail_stage",
+            "fail_detail",
+            "t_download",
+        )
+    }
     for row in table:
         key = row["key"]
         ok = row["status"] == "success"
@@ -125,15 +153,16 @@ def read_shard_batch(batch: dict) -> dict[str, list]:
 def write_download_input(rows: dict[str, list], path: Path) -> int:
     """Write the ok rows img2dataset will fetch; return their count. Atomic (temp name, rename)."""
     keep = [i for i, s in enumerate(rows["status"]) if s == OK]
-    table = pa.table({
-        "fetch_url": pa.array([rows["fetch_url"][i] for i in keep], pa.string()),
-        "caption": pa.array([rows["caption"][i] for i in keep], pa.string()),
-        "source_url": pa.array([rows["url"][i] for i in keep], pa.string()),
-        "src_index": pa.array([rows["src_index"][i] for i in keep], pa.int64()),
-    })  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    table = pa.table(
+        {
+            "fetch_url": pa.array([rows["fetch_url"][i] for i in keep], pa.string()),
+            "caption": pa.array([rows["caption"][i] for i in keep], pa.string()),
+            "source_url": pa.array([rows["url"][i] for i in keep], pa.string()),
+            "src_index": pa.array([rows["src_index"][i] for i in keep], pa.int64()),
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return len(keep)
 
 

@@ -56,8 +56,14 @@ def _host_addresses(host: str) -> tuple[str, ...]:
 
 def _is_private(addr: str) -> bool:
     ip = ipaddress.ip_address(addr.split("%")[0])
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast \
-        or ip.is_unspecified  # fmt: skip
+    return (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+    )
 
 
 def check_url(
@@ -103,8 +109,9 @@ class FilterStage:
 
     def _reject(self, row: dict[str, Any]) -> tuple[str, str]:
         f = self.f
-        reason, detail = check_url(row["url"], self.d.allow_private_hosts, self.d.allow_file_urls,
-                                   self.d.resolve_hosts)  # fmt: skip
+        reason, detail = check_url(
+            row["url"], self.d.allow_private_hosts, self.d.allow_file_urls, self.d.resolve_hosts
+        )
         if reason != OK:
             return reason, detail
         w, h = row.get("width"), row.get("height")

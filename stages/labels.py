@@ -18,12 +18,21 @@ import torch
 from PIL import Image, ImageFilter
 from pycocotools import mask as mask_utils
 
+from ssam.device import resolve_device
+
 from .common import map_rows, record_time, to_lists
 from .masks import image_from_jpeg
 
 
-def crop_with_background(image: np.ndarray, mask_hw: np.ndarray, bbox_xywh: list[float], padding: float,
-                         mode: str, dim: float, blur_radius: float) -> Image.Image:  # fmt: skip
+def crop_with_background(
+    image: np.ndarray,
+    mask_hw: np.ndarray,
+    bbox_xywh: list[float],
+    padding: float,
+    mode: str,
+    dim: float,
+    blur_radius: float,
+) -> Image.Image:
     """The padded box crop of ``image`` with pixels outside the mask dimmed, blurred, or kept."""
     h, w = mask_hw.shape
     x, y, bw, bh = bbox_xywh
@@ -41,8 +50,14 @@ def crop_with_background(image: np.ndarray, mask_hw: np.ndarray, bbox_xywh: list
     return Image.fromarray(np.clip(crop + 0.5, 0, 255).astype(np.uint8))
 
 
-def choose_labels(scores: np.ndarray, names: list[str], n_candidates: int, top_k: int, score_threshold: float,
-                  margin_threshold: float) -> list[tuple[str | None, float, list[dict]]]:  # fmt: skip
+def choose_labels(
+    scores: np.ndarray,
+    names: list[str],
+    n_candidates: int,
+    top_k: int,
+    score_threshold: float,
+    margin_threshold: float,
+) -> list[tuple[str | None, float, list[dict]]]:
     """Per mask: (label or None, score, top-k candidates) from softmax scores ``[M, n_cand + n_bg]``.
 
     Columns ``[:n_candidates]`` are candidates, the rest background labels.
@@ -69,9 +84,7 @@ class LabelStage:
         from ssam.model.clip import load_clip
 
         self.l = cfg.labels
-        device = (
-            self.l.device if self.l.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        device = str(resolve_device(self.l.device))
         self.clip = load_clip(self.l.clip_model, self.l.clip_pretrained, seed=cfg.seed, device=device)
         self.provenance = self.clip.provenance
         self._text_cache: dict[str, np.ndarray] = {}
@@ -100,11 +113,20 @@ class LabelStage:
         for ann in anns:
             seg = ann["segmentation"]
             mask = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
-            crop = crop_with_background(image, mask, ann["bbox"], self.l.crop_padding, self.l.background,
-                                        self.l.background_dim, self.l.blur_radius)  # fmt: skip
+            crop = crop_with_background(
+                image,
+                mask,
+                ann["bbox"],
+                self.l.crop_padding,
+                self.l.background,
+                self.l.background_dim,
+                self.l.blur_radius,
+            )
             crops.append(self.clip.preprocess(crop))
-        embs = [encode_images(self.clip, torch.stack(crops[s : s + self.l.clip_batch_size]))
-                for s in range(0, len(crops), self.l.clip_batch_size)]  # fmt: skip
+        embs = [
+            encode_images(self.clip, torch.stack(crops[s : s + self.l.clip_batch_size]))
+            for s in range(0, len(crops), self.l.clip_batch_size)
+        ]
         return np.concatenate(embs) if embs else np.zeros((0, self.clip.embed_dim), np.float32)
 
     def label_one(self, jpeg: bytes, candidates_json: str, annotations_json: str) -> dict:
@@ -115,8 +137,9 @@ class LabelStage:
         if cands:
             logits = self.l.logit_scale * emb @ self.text_embeddings(names).T
             probs = torch.softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
-            picks = choose_labels(probs, names, len(cands), self.l.top_k, self.l.score_threshold,
-                                  self.l.margin_threshold)  # fmt: skip
+            picks = choose_labels(
+                probs, names, len(cands), self.l.top_k, self.l.score_threshold, self.l.margin_threshold
+            )
         else:
             picks = [(None, 0.0, [])] * len(anns)
         for ann, (label, score, topk) in zip(anns, picks, strict=True):
@@ -131,8 +154,11 @@ class LabelStage:
     def __call__(self, batch):
         started = time.perf_counter()
         out = to_lists(batch)
-        map_rows(out, self.name,
-                 lambda i: self.label_one(out["jpeg"][i], out["candidates_json"][i], out["annotations_json"][i]),
-                 {"emb": b""})  # fmt: skip
+        map_rows(
+            out,
+            self.name,
+            lambda i: self.label_one(out["jpeg"][i], out["candidates_json"][i], out["annotations_json"][i]),
+            {"emb": b""},
+        )
         record_time(out, self.name, started)
         return out

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
+from ssam.device import resolve_device
+
 from .common import RowFailure, map_rows, ok_indices, record_time, to_lists
 
 
@@ -33,8 +35,11 @@ class PrecomputedPredictor(SamPredictor):
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         pre = getattr(self, "_pre", None)
-        if pre is not None and image.shape == pre[0].shape and \
-                image.__array_interface__["data"][0] == pre[0].__array_interface__["data"][0]:  # fmt: skip
+        if (
+            pre is not None
+            and image.shape == pre[0].shape
+            and image.__array_interface__["data"][0] == pre[0].__array_interface__["data"][0]
+        ):
             self.reset_image()
             self.original_size, self.features, self.input_size = image.shape[:2], pre[1], pre[2]
             self.is_image_set = True
@@ -74,22 +79,27 @@ class MaskStage:
 
         m = cfg.masks
         self.m = m
-        self.device = torch.device(
-            m.device if m.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = resolve_device(m.device)
         if m.torch_threads:
             torch.set_num_threads(m.torch_threads)
         self.sam, self.provenance = load_sam(m.sam_model, m.sam_checkpoint, seed=cfg.seed)
         self.sam.to(self.device)
         self.predictor = PrecomputedPredictor(self.sam)
         self.generator = SamAutomaticMaskGenerator(
-            self.sam, points_per_side=m.points_per_side, points_per_batch=m.points_per_batch,
-            pred_iou_thresh=m.pred_iou_thresh, stability_score_thresh=m.stability_score_thresh,
-            stability_score_offset=m.stability_score_offset, box_nms_thresh=m.box_nms_thresh,
-            crop_n_layers=m.crop_n_layers, crop_nms_thresh=m.crop_nms_thresh,
-            crop_overlap_ratio=m.crop_overlap_ratio, crop_n_points_downscale_factor=m.crop_n_points_downscale_factor,
-            min_mask_region_area=m.min_mask_region_area, output_mode="coco_rle",
-        )  # fmt: skip
+            self.sam,
+            points_per_side=m.points_per_side,
+            points_per_batch=m.points_per_batch,
+            pred_iou_thresh=m.pred_iou_thresh,
+            stability_score_thresh=m.stability_score_thresh,
+            stability_score_offset=m.stability_score_offset,
+            box_nms_thresh=m.box_nms_thresh,
+            crop_n_layers=m.crop_n_layers,
+            crop_nms_thresh=m.crop_nms_thresh,
+            crop_overlap_ratio=m.crop_overlap_ratio,
+            crop_n_points_downscale_factor=m.crop_n_points_downscale_factor,
+            min_mask_region_area=m.min_mask_region_area,
+            output_mode="coco_rle",
+        )
         self.generator.predictor = self.predictor
 
     def _autocast(self):

@@ -3,7 +3,7 @@
 Output shard ``N`` holds exactly the rows of downloaded shard ``N`` (written samples plus
 failure records), so a resumed run redoes only shards without a commit marker and ends with the
 same keys as an uninterrupted one. Rows may arrive in any order and in any batching; memory holds
-only the shards still being assembled. Writing goes through :func:`ssam.model.format.write_shard`
+only the shards still being assembled. Writing goes through :func:`ssam.format.write_shard`
 (atomic).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ssam.model.format import Failure, Sample, ShardContent, write_shard
+from ssam.format import Failure, Sample, ShardContent, write_shard
 
 from .common import OK, as_list, batch_len
 
@@ -28,13 +28,20 @@ def sample_from_row(row: dict[str, Any], provenance: dict) -> Sample:
     """One ok row -> a FORMAT.md sample."""
     emb = np.load(io.BytesIO(row["emb"]), allow_pickle=False) if row.get("emb") else None
     meta = {
-        "image": {"image_id": int(row["key"]) if str(row["key"]).isdigit() else 0, "key": row["key"],
-                  "file_name": f"{row['key']}.jpg", "width": int(row["width"]), "height": int(row["height"]),
-                  "url": row["url"], "caption": row["caption"], "sha256": row["sha256"]},
+        "image": {
+            "image_id": int(row["key"]) if str(row["key"]).isdigit() else 0,
+            "key": row["key"],
+            "file_name": f"{row['key']}.jpg",
+            "width": int(row["width"]),
+            "height": int(row["height"]),
+            "url": row["url"],
+            "caption": row["caption"],
+            "sha256": row["sha256"],
+        },
         "candidates": json.loads(row["candidates_json"]),
         "annotations": json.loads(row["annotations_json"]),
         "provenance": provenance,
-    }  # fmt: skip
+    }
     return Sample(key=row["key"], jpeg=row["jpeg"], meta=meta, emb=emb)
 
 

@@ -8,7 +8,7 @@ import torch
 from ssam.model import sam as sam_mod
 from ssam.model.clip import SMOKE_CLIP, encode_texts, load_clip
 from ssam.model.llm import build_generator, register_backend
-from ssam.model.weights import WeightsUnavailable, fetch
+from ssam.weights import WeightsUnavailable, fetch
 
 
 def test_every_registered_sam_size_builds_with_the_right_shapes():

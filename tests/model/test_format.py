@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from ssam.model.format import (
+from ssam.format import (
     Failure,
     Sample,
     ShardContent,

@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 from ssam.model.cli import eval_main, predict_main
 from ssam.model.semantic_sam import build_semantic_sam, save_model
 from ssam.model.synthetic import write_coco
-from ssam.model.vocab import load_vocabulary
+from ssam.vocab import load_vocabulary
 
 PHOTO = REPO / "sample/images/chelsea.jpg"
 LOOSE = [

@@ -110,8 +110,16 @@ def test_sa1b_samples_are_read_and_trained_on_with_mask_losses_only(shapes, tmp_
     assert all(m["masks"] > 0 and m["labelled_masks"] == 0 and "semantic_loss" not in m for m in ms)
     assert trainer.data.sources["sa1b"].state()["sample"] > 0 and "ours" not in trainer.data.sources
 
-    mixed = Trainer(cfg_for(shapes, f"data.sa1b=[\"{sa1b}\"]", "data.mix={ours: 1, sa1b: 1}", "train.max_steps=6",
-                            "train.batch_size=4"), tmp_path / "mixed")  # fmt: skip
+    mixed = Trainer(
+        cfg_for(
+            shapes,
+            f'data.sa1b=["{sa1b}"]',
+            "data.mix={ours: 1, sa1b: 1}",
+            "train.max_steps=6",
+            "train.batch_size=4",
+        ),
+        tmp_path / "mixed",
+    )
     fit(mixed, resume=False, progress=False)
     states = {n: s.state() for n, s in mixed.data.sources.items()}
     assert states["ours"]["sample"] > 0 and states["sa1b"]["sample"] > 0  # both sources were drawn
@@ -138,8 +146,15 @@ def test_bad_shards_and_samples_are_counted_skipped_and_can_abort(tmp_path):
         str(tmp_path / "broken.tar"),
         str(tmp_path / "missing.tar"),
     ]
-    cfg = load_train_config(SMOKE, [f"data.shards={json.dumps(specs)}", "train.max_steps=40", "train.batch_size=2",
-                                    "data.max_bad_fraction=0.5"])  # fmt: skip
+    cfg = load_train_config(
+        SMOKE,
+        [
+            f"data.shards={json.dumps(specs)}",
+            "train.max_steps=40",
+            "train.batch_size=2",
+            "data.max_bad_fraction=0.5",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     fit(trainer, resume=False, progress=False)
     bad = trainer.counter.examples
@@ -185,8 +200,15 @@ def _evaluate(trainer, rng_seed=123, images=24):
     for _ in range(images):
         img, shapes = make_image(rng)
         pred.set_image(img)
-        boxes = [[*np.nonzero(m)[1].min(keepdims=True), *np.nonzero(m)[0].min(keepdims=True),
-                  np.nonzero(m)[1].max() + 1, np.nonzero(m)[0].max() + 1] for _, m in shapes]  # fmt: skip
+        boxes = [
+            [
+                *np.nonzero(m)[1].min(keepdims=True),
+                *np.nonzero(m)[0].min(keepdims=True),
+                np.nonzero(m)[1].max() + 1,
+                np.nonzero(m)[0].max() + 1,
+            ]
+            for _, m in shapes
+        ]
         masks, _, sem, _ = pred.predict(boxes=np.array(boxes, np.float32))
         labels, _ = pred.name(sem, text, list(SHAPES), 0.0)
         for (lab, m), pm, pl in zip(shapes, masks, labels, strict=True):
@@ -202,9 +224,20 @@ def test_learning_on_synthetic_shapes(tmp_path):
 
     write_shapes(tmp_path / "shards", images=96, per_shard=24, seed=0)
     gt = write_coco(tmp_path / "coco", images=12, seed=99)
-    cfg = load_train_config(SMOKE, [f"data.shards=[\"{tmp_path / 'shards'}\"]", "train.max_steps=1000", "train.batch_size=4",
-                                    "train.lr=0.002", "train.warmup_steps=20", "train.semantic_weight=3", "train.log_every=100",
-                                    "train.checkpoint_every=1000", "data.masks_per_image=4"])  # fmt: skip
+    cfg = load_train_config(
+        SMOKE,
+        [
+            f'data.shards=["{tmp_path / "shards"}"]',
+            "train.max_steps=1000",
+            "train.batch_size=4",
+            "train.lr=0.002",
+            "train.warmup_steps=20",
+            "train.semantic_weight=3",
+            "train.log_every=100",
+            "train.checkpoint_every=1000",
+            "data.masks_per_image=4",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     save_model(tmp_path / "untrained.pt", trainer.core, trainer.clip_info)
     iou_before, acc_before = _evaluate(trainer)
@@ -224,7 +257,7 @@ def test_learning_on_synthetic_shapes(tmp_path):
 
 
 def test_readme_documents_every_training_key():
-    from ssam.model.configio import config_rows
+    from ssam.configio import config_rows
     from ssam.model.train_config import TrainConfig
 
     keys = [row.split("`")[1] for row in config_rows(TrainConfig)]

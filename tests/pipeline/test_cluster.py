@@ -3,7 +3,7 @@
 import pytest
 from conftest import REPO
 
-from ssam.model.format import iter_run_samples, validate_run
+from ssam.format import iter_run_samples, validate_run
 from ssam.pipeline.config import load_config
 from ssam.pipeline.run import run_pipeline
 
@@ -30,10 +30,18 @@ def cluster():
 def test_pipeline_spreads_over_a_multi_node_cluster(cluster, tmp_path):
     # The head has no CPU, masks may only run where node_a is, labels where node_b is: the run can
     # finish only if the worker nodes did the work, both of them.
-    cfg = load_config(REPO / "configs/pipeline/smoke.yaml", [
-        f"output.dir={tmp_path / 'run'}", f"input.path={REPO / 'sample/pairs.parquet'}",
-        f"ray.address={cluster.address}", "download.distributor=ray", "output.samples_per_shard=6",
-        "ray.masks.resources={node_a: 1}", "ray.labels.resources={node_b: 1}"])  # fmt: skip
+    cfg = load_config(
+        REPO / "configs/pipeline/smoke.yaml",
+        [
+            f"output.dir={tmp_path / 'run'}",
+            f"input.path={REPO / 'sample/pairs.parquet'}",
+            f"ray.address={cluster.address}",
+            "download.distributor=ray",
+            "output.samples_per_shard=6",
+            "ray.masks.resources={node_a: 1}",
+            "ray.labels.resources={node_b: 1}",
+        ],
+    )
     summary = run_pipeline(cfg, log=lambda m: None)
     assert summary.totals["input_rows"] == summary.totals["written"] == 12
     assert validate_run(tmp_path / "run") == [] and len(list(iter_run_samples(tmp_path / "run"))) == 12

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from ssam.model.format import complete_shards, iter_run_samples, validate_run
+from ssam.format import complete_shards, iter_run_samples, validate_run
 from ssam.pipeline.cli import main
 from ssam.pipeline.config import ConfigError, load_config
 from ssam.pipeline.run import run_pipeline

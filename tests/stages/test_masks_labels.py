@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ssam.model.format import validate_sample
+from ssam.format import validate_sample
 from ssam.stages.labels import LabelStage, choose_labels, crop_with_background
 from ssam.stages.masks import MaskStage, image_from_jpeg
 

@@ -85,8 +85,16 @@ FAILURE_REASONS = {
 
 SAMPLE_JSON_KEYS = ("image", "candidates", "annotations", "provenance")
 IMAGE_KEYS = ("image_id", "key", "file_name", "width", "height")
-ANNOTATION_KEYS = ("id", "segmentation", "bbox", "area", "predicted_iou", "stability_score",
-                   "point_coords", "crop_box")  # fmt: skip
+ANNOTATION_KEYS = (
+    "id",
+    "segmentation",
+    "bbox",
+    "area",
+    "predicted_iou",
+    "stability_score",
+    "point_coords",
+    "crop_box",
+)
 
 
 def shard_name(shard_id: int) -> str:
@@ -151,15 +159,23 @@ def annotation_rows(sample: Sample, shard: str) -> list[dict[str, Any]]:
         x, y, w, h = ann["bbox"]
         rows.append(
             {
-                "key": sample.key, "shard": shard, "ann_id": ann["id"],
-                "label": ann.get("label"), "label_score": ann.get("label_score"),
-                "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h,
-                "area": ann["area"], "predicted_iou": ann["predicted_iou"],
+                "key": sample.key,
+                "shard": shard,
+                "ann_id": ann["id"],
+                "label": ann.get("label"),
+                "label_score": ann.get("label_score"),
+                "bbox_x": x,
+                "bbox_y": y,
+                "bbox_w": w,
+                "bbox_h": h,
+                "area": ann["area"],
+                "predicted_iou": ann["predicted_iou"],
                 "stability_score": ann["stability_score"],
                 "segmentation_counts": ann["segmentation"]["counts"],
-                "height": img["height"], "width": img["width"],
+                "height": img["height"],
+                "width": img["width"],
             }
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -196,22 +212,19 @@ def write_shard(out_dir: str | os.PathLike, content: ShardContent) -> Path:
         pq.write_table(pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA), tmp / f"{stem}.parquet")
         fails = [f.__dict__ for f in content.failures]
         pq.write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA), tmp / f"{stem}.failures.parquet")
-        stats = dict(content.stats, shard=stem, samples=len(content.samples),
-                     annotations=len(rows), failures=len(fails))  # fmt: skip
+        stats = dict(
+            content.stats,
+            shard=stem,
+            samples=len(content.samples),
+            annotations=len(rows),
+            failures=len(fails),
+        )
         (tmp / f"{stem}.stats.json").write_text(json.dumps(stats, indent=2))
         for suffix in (".tar", ".parquet", ".failures.parquet", ".stats.json"):  # stats last
             os.replace(tmp / f"{stem}{suffix}", out / f"{stem}{suffix}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / f"{stem}.stats.json"
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def complete_shards(out_dir: str | os.PathLike) -> list[int]:
@@ -357,8 +370,11 @@ def validate_sample(meta: dict[str, Any], emb: np.ndarray | None = None, labelle
 def validate_shard(out_dir: str | os.PathLike, shard_id: int) -> list[str]:
     """Every problem with one complete shard: files, tar members, JSON, parquet agreement."""
     out, stem = Path(out_dir), shard_name(shard_id)
-    missing = [s for s in (".tar", ".parquet", ".failures.parquet", ".stats.json")
-               if not (out / f"{stem}{s}").exists()]  # fmt: skip
+    missing = [
+        s
+        for s in (".tar", ".parquet", ".failures.parquet", ".stats.json")
+        if not (out / f"{stem}{s}").exists()
+    ]
     if missing:
         return [f"shard {stem}: missing files {missing}"]
     errs: list[str] = []

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
-import uuid
 from pathlib import Path
+
+from ssam.io import atomic_path
 
 
 class WeightsUnavailable(RuntimeError):
@@ -63,16 +64,13 @@ def fetch(source: str, sha256: str | None = None, timeout_s: float = 60.0) -> Pa
     if offline():
         raise WeightsUnavailable(f"{source} is not in the cache ({target}) and {offline_reason()}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
     try:
-        with urllib.request.urlopen(source, timeout=timeout_s) as r, open(tmp, "wb") as f:
-            while block := r.read(1 << 20):
-                f.write(block)
-        if sha256 is not None and (got := sha256_file(tmp)) != sha256:
-            raise WeightsUnavailable(f"{source}: sha256 {got} != expected {sha256}")
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            with urllib.request.urlopen(source, timeout=timeout_s) as r, open(tmp, "wb") as f:
+                while block := r.read(1 << 20):
+                    f.write(block)
+            if sha256 is not None and (got := sha256_file(tmp)) != sha256:
+                raise WeightsUnavailable(f"{source}: sha256 {got} != expected {sha256}")
     except OSError as e:
         raise WeightsUnavailable(f"could not download {source}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

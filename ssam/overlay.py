@@ -36,8 +36,13 @@ def _outline(mask_hw: np.ndarray) -> np.ndarray:
     return mask_hw & ~inner
 
 
-def render_overlay(image_hwc: np.ndarray, annotations: list[dict], smoke: bool = False, alpha: float = 0.45,
-                   caption: str | None = None) -> Image.Image:  # fmt: skip
+def render_overlay(
+    image_hwc: np.ndarray,
+    annotations: list[dict],
+    smoke: bool = False,
+    alpha: float = 0.45,
+    caption: str | None = None,
+) -> Image.Image:
     """The image with each annotation's mask filled, outlined and named (``label`` and score).
 
     Args:

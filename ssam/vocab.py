@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from importlib import resources
 
-BUNDLED_VOCABS = {"lvis": "lvis_v1.txt", "coco": "coco.txt", "objects365": "objects365_v2.txt",
-                  "ade20k": "ade20k_instance.txt"}  # fmt: skip
+BUNDLED_VOCABS = {
+    "lvis": "lvis_v1.txt",
+    "coco": "coco.txt",
+    "objects365": "objects365_v2.txt",
+    "ade20k": "ade20k_instance.txt",
+}
 
 
 def load_vocabulary(spec: str | list[str]) -> list[str]:
@@ -21,7 +25,7 @@ def load_vocabulary(spec: str | list[str]) -> list[str]:
     if isinstance(spec, list):
         names = spec
     elif spec in BUNDLED_VOCABS:
-        names = (resources.files("ssam.model") / "vocab" / BUNDLED_VOCABS[spec]).read_text().splitlines()
+        names = (resources.files("ssam") / "vocab" / BUNDLED_VOCABS[spec]).read_text().splitlines()
     elif "," in spec and not spec.endswith(".txt"):
         names = spec.split(",")
     else:
