@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -19,12 +19,19 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/ssam-pipeline run configs/pipeline/$(if $(SMOKE),smoke,sample).yaml $(ARGS)
 
-test: venv
+# make test       lint, then every test (what CI runs)
+# make test-fast  the tests not marked slow or cluster: under a minute, while working
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not cluster" $(PYTEST_ARGS)
+
+LINT_PATHS := ssam stages pipeline model tests benchmarks docs sample
+
 lint: venv
-	$(BIN)/ruff check ssam stages pipeline model tests benchmarks
-	$(BIN)/ruff format --check ssam stages pipeline model tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 bench: venv
 	$(BIN)/python benchmarks/bench_pipeline.py

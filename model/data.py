@@ -156,17 +156,17 @@ class MixedSource:
             raise DataError("no data: data.shards and data.sa1b are empty or weighted 0")
         self.names = list(self.sources)
         self.weights = torch.tensor([mix[n] for n in self.names], dtype=torch.float64)
-        self.g = torch.Generator().manual_seed(seed)
+        self.rng = torch.Generator().manual_seed(seed)
 
     def next(self) -> RawSample:
-        i = int(torch.multinomial(self.weights, 1, generator=self.g))
+        i = int(torch.multinomial(self.weights, 1, generator=self.rng))
         return self.sources[self.names[i]].next()
 
     def state(self) -> dict:
-        return {"generator": self.g.get_state(), "sources": {n: s.state() for n, s in self.sources.items()}}
+        return {"generator": self.rng.get_state(), "sources": {n: s.state() for n, s in self.sources.items()}}
 
     def load_state(self, state: dict) -> None:
-        self.g.set_state(state["generator"])
+        self.rng.set_state(state["generator"])
         for n, s in state["sources"].items():
             if n in self.sources:
                 self.sources[n].load_state(s)

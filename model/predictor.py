@@ -9,8 +9,6 @@ softmax probability at the model's learned temperature, or nothing below ``min_l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
@@ -18,18 +16,6 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
 from .semantic_sam import SemanticSam
-
-
-@dataclass
-class Prediction:
-    """Masks of one image at its own resolution, with scores and names."""
-
-    masks: np.ndarray  # NxHxW bool
-    iou: np.ndarray  # N predicted IoU
-    semantic: np.ndarray  # NxD unit embeddings
-    score: np.ndarray  # N predicted cosine score
-    labels: list[str | None]
-    label_scores: np.ndarray  # N softmax probability of the label (0 when None)
 
 
 class SemanticPredictor:

@@ -95,7 +95,7 @@ class Trainer:
                 "sa1b", resolve_tars(cfg.data.sa1b), cfg.seed + 1, self.counter, rank, world
             )
         self.data = MixedSource(sources, cfg.data.mix, cfg.seed + 7 * rank)
-        self.g = torch.Generator().manual_seed(cfg.seed * 31 + rank)
+        self.rng = torch.Generator().manual_seed(cfg.seed * 31 + rank)
         self.text = TextEmbeddings(self.clip, self.output / "text_embeddings.pt" if rank == 0 else None)
         self.step = 0
 
@@ -122,7 +122,7 @@ class Trainer:
     def _batch(self):
         examples = []
         while len(examples) < self.cfg.train.batch_size:
-            ex = prepare_example(self.data.next(), self.core, self.cfg.data, self.g)
+            ex = prepare_example(self.data.next(), self.core, self.cfg.data, self.rng)
             if ex is not None:
                 examples.append(ex)
         return examples
@@ -215,7 +215,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "example_rng": self.g.get_state(),
+            "example_rng": self.rng.get_state(),
             "data": self.data.state(),
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -233,7 +233,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        self.g.set_state(state["example_rng"])
+        self.rng.set_state(state["example_rng"])
         self.data.load_state(state["data"])
         self.step = state["step"]
 

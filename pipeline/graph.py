@@ -29,6 +29,12 @@ STAGES: list[tuple[str, type]] = [
 ]
 
 
+def stage_args(cfg: PipelineConfig, name: str) -> tuple:
+    """A stage's constructor arguments: its own config section (and the seed for model stages)."""
+    section = getattr(cfg, name)
+    return (section,) if name == "decode" else (section, cfg.seed)
+
+
 def _chunks(batch: dict[str, list], size: int):
     n = len(batch["key"]) if batch else 0
     for s in range(0, n, size):
@@ -42,14 +48,18 @@ def run_local(
     on_shard: Callable[[int], None] = lambda s: None,
 ) -> None:
     """Sequential executor: the same stage objects, in this process, one batch at a time."""
-    stages = [cls(cfg) for _, cls in STAGES]
-    size = cfg.ray.masks.batch_size
+    stages = [(cls(*stage_args(cfg, name)), getattr(cfg.ray, name).batch_size) for name, cls in STAGES]
     for stem in shard_stems:
-        for chunk in _chunks(read_downloaded_shard(stem), size):
-            for stage in stages:
-                chunk = stage(chunk)
-            for sid in assembler.add(chunk):
-                on_shard(sid)
+        for sid in assembler.add(_run_chain(stages, read_downloaded_shard(stem))):
+            on_shard(sid)
+
+
+def _run_chain(stages: list[tuple[Callable, int]], batch: dict[str, list]) -> dict[str, list]:
+    """Each stage over the rows in its own batch size (as its Ray actor pool would see them)."""
+    for stage, size in stages:
+        parts = [stage(chunk) for chunk in _chunks(batch, size)]
+        batch = {k: [v for part in parts for v in part[k]] for k in parts[0]} if parts else batch
+    return batch
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -78,10 +88,10 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
         r = getattr(cfg.ray, name)
         ds = ds.map_batches(
             cls,
-            fn_constructor_args=(cfg,),
+            fn_constructor_args=stage_args(cfg, name),
             batch_size=r.batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=r.min_workers, max_size=r.max_workers),
+            concurrency=(r.min_workers, r.max_workers),
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
             resources=r.resources or None,

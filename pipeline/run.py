@@ -6,7 +6,7 @@ Run directory layout::
     RUN/filter.failures.parquet       rows refused before download (same schema as shard failures)
     RUN/work/download_input.parquet   the rows handed to img2dataset
     RUN/downloads/NNNNN.{tar,parquet} img2dataset's image shards (original bytes, per-row status)
-    RUN/shards/NNNNN.*                the output (FORMAT.md)
+    RUN/shards/NNNNN.*                the output (docs/FORMAT.md)
 
 Started again, a run skips what is complete: the filter output if present, img2dataset's done
 shards (its incremental mode), and every output shard with a commit marker. A finished run does
@@ -85,7 +85,7 @@ def prepare(cfg: PipelineConfig, run: Path, files: list[Path]) -> int:
     if marker.exists():
         return json.loads(marker.read_text())["input_rows"]
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = FilterStage(cfg)
+    stage = FilterStage(cfg.filter, url_policy=cfg.download)
     merged: dict[str, list] = {k: [] for k in ("fetch_url", "caption", "url", "src_index", "status")}
     fails: list[dict] = []
     n_rows = 0
@@ -178,7 +178,9 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
     log(f"input: {input_rows} rows; downloading with img2dataset ...")
     if cfg.download.distributor == "ray":
         init_ray(cfg)  # img2dataset's Ray distributor uses the Ray we join (a cluster under ray job submit)
-    downloads = Downloader(cfg)(run / "work" / "download_input.parquet", run / "downloads")
+    downloads = Downloader(cfg.download, cfg.output.samples_per_shard, cfg.decode.image_size)(
+        run / "work" / "download_input.parquet", run / "downloads"
+    )
     shard_dir = run / "shards"
     removed = remove_incomplete(shard_dir)
     if removed:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -88,3 +88,9 @@ def config_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
         rows.append(f"| `{key}` | `{type_name}` | {default} | {field.description or ''} |")
     return rows
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)

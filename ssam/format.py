@@ -1,4 +1,4 @@
-"""The shard format (FORMAT.md): the one module that writes, reads and validates it.
+"""The shard format (docs/FORMAT.md): the one module that writes, reads and validates it.
 
 A shard ``NNNNN`` is four files in one directory::
 
@@ -80,6 +80,7 @@ FAILURE_REASONS = {
     "decompression_bomb": "decode",
     "image_too_small": "decode",
     "no_masks": "masks",
+    "gpu_oom": "masks",
     "stage_error": "any",
 }
 
@@ -104,7 +105,7 @@ def shard_name(shard_id: int) -> str:
 
 @dataclass
 class Sample:
-    """One written sample: the stored JPEG, its FORMAT.md JSON and optional crop embeddings."""
+    """One written sample: the stored JPEG, its JSON (docs/FORMAT.md) and optional crop embeddings."""
 
     key: str
     jpeg: bytes
@@ -339,7 +340,7 @@ def _validate_annotation(i: int, ann: dict[str, Any], height: int, width: int) -
 
 
 def validate_sample(meta: dict[str, Any], emb: np.ndarray | None = None, labelled: bool = True) -> list[str]:
-    """Every way a sample's JSON (and embeddings) breaks FORMAT.md; empty when it is valid.
+    """Every way a sample's JSON (and embeddings) breaks docs/FORMAT.md; empty when it is valid.
 
     Args:
         meta: the parsed ``KEY.json``.

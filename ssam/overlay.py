@@ -47,7 +47,7 @@ def render_overlay(
 
     Args:
         image_hwc: HxWx3 uint8 RGB.
-        annotations: FORMAT.md annotations (``segmentation`` RLE, ``bbox``, optional ``label``).
+        annotations: annotations as docs/FORMAT.md defines them (``segmentation`` RLE, ``bbox``, optional ``label``).
         smoke: draw the "smoke models" banner.
         caption: a line of text drawn under the image (e.g. the source caption).
     """

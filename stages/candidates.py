@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from functools import lru_cache
+from typing import Literal
 
+from pydantic import Field, model_validator
+
+from ssam.configio import Section
 from ssam.vocab import load_vocabulary
 
-from .common import map_rows, ok_indices, record_time, to_lists
+from .common import ROW_COLUMNS, Stage, map_rows, ok_indices
 
 PROMPT_TEMPLATES = (
     'A photo has the caption "{caption}". List the physical objects that are probably visible in it '
@@ -164,6 +167,40 @@ def parse_llm_output(text: str, max_words: int = 4) -> list[str]:
     return out
 
 
+class CandidatesConfig(Section):
+    backend: Literal["vllm", "transformers", "none"] = Field(
+        "transformers", description="LLM backend for caption expansion"
+    )
+    llm_model: str = Field(
+        "Qwen/Qwen2.5-0.5B-Instruct", description="HF model id, local directory, or 'smoke'"
+    )
+    device: str = Field("auto", description="transformers backend device: auto, cpu, cuda")
+    vocabulary: str | list[str] = Field(
+        "lvis",
+        description="caption nouns are matched against this: lvis, coco, objects365, ade20k, a file, or a list",
+    )
+    max_candidates: int = Field(
+        24, ge=1, le=512, description="candidates kept per image (caption matches first)"
+    )
+    max_words: int = Field(4, ge=1, le=8, description="longest candidate phrase, in words")
+    llm_vocabulary_only: bool = Field(
+        False, description="keep only LLM phrases that contain a vocabulary name"
+    )
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="LLM tokens generated per prompt")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="LLM sampling temperature (0: greedy)")
+    llm_batch_size: int = Field(32, ge=1, description="prompts per generate call")
+    prompt_templates: list[str] = Field([], description="override the prompt templates; each needs {caption}")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model replica")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: fraction of GPU memory to use")
+
+    @model_validator(mode="after")
+    def _templates_have_caption(self):
+        bad = [t for t in self.prompt_templates if "{caption}" not in t]
+        if bad:
+            raise ValueError(f"prompt template without {{caption}}: {bad[0]!r}")
+        return self
+
+
 class VocabularyMatcher:
     """Finds vocabulary names in a caption, longest phrase first, on singular word forms."""
 
@@ -193,16 +230,18 @@ class VocabularyMatcher:
         return list(dict.fromkeys(found))
 
 
-class CandidatesStage:
+class CandidatesStage(Stage):
     """Caption + LLM candidates per row, as JSON in column ``candidates_json``."""
 
     name = "candidates"
+    reads = (*ROW_COLUMNS, "caption")
+    writes = ("candidates_json",)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: CandidatesConfig, seed: int = 0):
         from ssam.model.llm import build_generator
 
-        c = cfg.candidates
-        self.c = c
+        c = cfg
+        self.cfg = c
         self.matcher = VocabularyMatcher(load_vocabulary(c.vocabulary))
         self.templates = c.prompt_templates or list(PROMPT_TEMPLATES)
         self.generator = build_generator(
@@ -211,7 +250,7 @@ class CandidatesStage:
             device=c.device,
             max_new_tokens=c.max_new_tokens,
             temperature=c.temperature,
-            seed=cfg.seed,
+            seed=seed,
             tensor_parallel_size=c.tensor_parallel_size,
             gpu_memory_utilization=c.gpu_memory_utilization,
         )
@@ -223,14 +262,14 @@ class CandidatesStage:
             return [[] for _ in captions]
         prompts = [t.format(caption=cap) for cap in captions for t in self.templates]
         answers: list[str] = []
-        for s in range(0, len(prompts), self.c.llm_batch_size):
-            answers += self.generator.generate(prompts[s : s + self.c.llm_batch_size])
+        for s in range(0, len(prompts), self.cfg.llm_batch_size):
+            answers += self.generator.generate(prompts[s : s + self.cfg.llm_batch_size])
         k = len(self.templates)
         ranked = []
         for j in range(len(captions)):
             votes: dict[str, int] = {}
             for answer in answers[j * k : (j + 1) * k]:
-                for phrase in parse_llm_output(answer, self.c.max_words):
+                for phrase in parse_llm_output(answer, self.cfg.max_words):
                     votes[phrase] = votes.get(phrase, 0) + 1
             ranked.append(sorted(votes, key=lambda p: -votes[p]))  # stable: ties keep first-seen order
         return ranked
@@ -241,15 +280,13 @@ class CandidatesStage:
         for phrase in llm_phrases:
             if phrase in seen:
                 continue
-            if self.c.llm_vocabulary_only and not self.matcher(phrase):
+            if self.cfg.llm_vocabulary_only and not self.matcher(phrase):
                 continue
             seen.add(phrase)
             cands.append({"label": phrase, "source": "llm"})
-        return cands[: self.c.max_candidates]
+        return cands[: self.cfg.max_candidates]
 
-    def __call__(self, batch):
-        started = time.perf_counter()
-        out = to_lists(batch)
+    def process(self, out: dict[str, list]) -> None:
         idx = ok_indices(out)
         captions = [out["caption"][i] or "" for i in idx]
         with_text = [j for j, cap in enumerate(captions) if cap]
@@ -263,5 +300,3 @@ class CandidatesStage:
             },
             {"candidates_json": "[]"},
         )
-        record_time(out, self.name, started)
-        return out

@@ -69,6 +69,49 @@ def map_rows(
             mark_failed(batch, i, stage, "stage_error", f"{type(e).__name__}: {e}")
 
 
+ROW_COLUMNS = ("key", "status", "fail_stage", "fail_detail")
+
+
+class StageContractError(RuntimeError):
+    """A batch lacks a column its stage reads, or the stage failed to write one it declares.
+
+    A bug in the graph or a stage, never a bad row: it stops the run with the stage and columns named.
+    """
+
+
+class Stage:
+    """The stage contract, shared by the Ray Data actors and the local loop.
+
+    Subclasses set ``name``, the columns they ``reads`` and ``writes`` (and ``drops``), take their
+    own config section in ``__init__`` and implement :meth:`process`, which edits a batch of Python
+    lists in place. ``__call__`` checks the contract once per batch, runs :meth:`process` and
+    records the batch's wall time in ``t_<name>``.
+    """
+
+    name: str = ""
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    drops: tuple[str, ...] = ()
+
+    def process(self, batch: dict[str, list]) -> None:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        started = time.perf_counter()
+        out = to_lists(batch)
+        missing = [c for c in self.reads if c not in out]
+        if missing:
+            raise StageContractError(
+                f"stage {self.name!r} reads columns {missing} that the batch lacks (it has {sorted(out)})"
+            )
+        self.process(out)
+        absent = [c for c in self.writes if c not in out] + [c for c in self.drops if c in out]
+        if absent:
+            raise StageContractError(f"stage {self.name!r} broke its contract on columns {absent}")
+        record_time(out, self.name, started)
+        return out
+
+
 def record_time(batch: dict[str, list], stage: str, started: float) -> None:
     """Spread a batch's wall time over its rows in column ``t_<stage>`` (for the run summary)."""
     n = batch_len(batch)

@@ -9,12 +9,14 @@ before any pixel is decoded (decompression bombs), EXIF rotation is applied, and
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pydantic import Field
 
-from .common import RowFailure, map_rows, record_time, to_lists
+from ssam.configio import Section
+
+from .common import ROW_COLUMNS, RowFailure, Stage, map_rows
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
 Image.MAX_IMAGE_PIXELS = None  # our own limit (checked from the header) is the one that applies
@@ -76,29 +78,39 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-class DecodeStage:
+class DecodeConfig(Section):
+    """``decode:`` what the decoder accepts and what it stores."""
+
+    image_size: int = Field(
+        1024,
+        ge=64,
+        le=8192,
+        description="longest side of the stored image (SAM's input side; also img2dataset's resize)",
+    )
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="refuse images whose header declares more pixels (decompression bombs)"
+    )
+    min_image_side: int = Field(32, ge=1, description="fail decoded images whose shorter side is below this")
+    jpeg_quality: int = Field(92, ge=50, le=100, description="quality of the stored JPEG")
+
+
+class DecodeStage(Stage):
     """Bytes (column ``image``) -> ``jpeg``, ``width``, ``height``; the raw bytes are dropped."""
 
     name = "decode"
+    reads = (*ROW_COLUMNS, "image")
+    writes = ("jpeg", "width", "height")
+    drops = ("image",)
 
-    def __init__(self, cfg):
-        d = cfg.download
-        self.max_pixels, self.min_side, self.size, self.quality = (
-            d.max_pixels,
-            d.min_image_side,
-            d.image_size,
-            d.jpeg_quality,
-        )
+    def __init__(self, cfg: DecodeConfig):
+        self.cfg = cfg
 
-    def __call__(self, batch):
-        started = time.perf_counter()
-        out = to_lists(batch)
+    def process(self, out: dict[str, list]) -> None:
         raw = out.pop("image")
+        c = self.cfg
 
         def one(i):
-            img = decode_image(raw[i] or b"", self.max_pixels, self.min_side, self.size)
-            return {"jpeg": encode_jpeg(img, self.quality), "width": img.size[0], "height": img.size[1]}
+            img = decode_image(raw[i] or b"", c.max_pixels, c.min_image_side, c.image_size)
+            return {"jpeg": encode_jpeg(img, c.jpeg_quality), "width": img.size[0], "height": img.size[1]}
 
         map_rows(out, self.name, one, {"jpeg": b"", "width": 0, "height": 0})
-        record_time(out, self.name, started)
-        return out

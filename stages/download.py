@@ -12,21 +12,21 @@ their bytes, the failures with img2dataset's error message -- so every row reach
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 import time
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
+from ssam.configio import Section
 from ssam.io import atomic_path
 
 from .common import OK
-
-DOWNLOAD_COLUMNS = ["fetch_url", "caption", "source_url", "src_index"]
 
 
 def resolve_file_url(url: str, base_dir: Path) -> str:
@@ -47,21 +47,48 @@ def downloaded_shards(download_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(done.items()))
 
 
+class DownloadConfig(Section):
+    processes_count: int = Field(1, ge=1, description="img2dataset processes")
+    thread_count: int = Field(16, ge=1, description="img2dataset threads per process")
+    timeout_s: int = Field(10, ge=1, description="per-request timeout in seconds")
+    retries: int = Field(1, ge=0, description="retries per URL")
+    distributor: Literal["multiprocessing", "ray"] = Field(
+        "multiprocessing", description="img2dataset distributor (ray on a cluster)"
+    )
+    allow_private_hosts: bool = Field(
+        False, description="allow URLs on loopback, private and link-local addresses"
+    )
+    allow_file_urls: bool = Field(
+        False, description="allow file:// URLs (relative ones resolve against the parquet's folder)"
+    )
+    resolve_hosts: bool = Field(
+        True, description="resolve host names to refuse those that point at private addresses"
+    )
+    user_agent_token: str | None = Field(
+        "ssam-factory", description="token added to img2dataset's user agent"
+    )
+    disallowed_header_directives: list[str] = Field(
+        ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that make a site opt out",
+    )
+
+
 class Downloader:
     """Runs img2dataset over the prepared ``download_input.parquet``."""
 
     name = "download"
 
-    def __init__(self, cfg):
-        self.d = cfg.download
-        self.samples_per_shard = cfg.output.samples_per_shard
+    def __init__(self, cfg: DownloadConfig, samples_per_shard: int, image_size: int):
+        self.cfg = cfg
+        self.samples_per_shard = samples_per_shard
+        self.image_size = image_size
 
     def __call__(self, input_parquet: str | os.PathLike, download_dir: str | os.PathLike) -> dict[int, Path]:
         from img2dataset import download
 
         if pq.ParquetFile(input_parquet).metadata.num_rows == 0:
             return {}
-        d = self.d
+        d = self.cfg
         started = time.perf_counter()
         download(
             url_list=str(input_parquet),
@@ -78,7 +105,7 @@ class Downloader:
             retries=d.retries,
             distributor=d.distributor,
             disable_all_reencoding=True,
-            image_size=d.image_size,
+            image_size=self.image_size,
             compute_hash="sha256",
             extract_exif=False,
             incremental_mode="incremental",
@@ -164,12 +191,3 @@ def write_download_input(rows: dict[str, list], path: Path) -> int:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return len(keep)
-
-
-def summarize_download_errors(download_dir: str | os.PathLike) -> dict[str, int]:
-    """img2dataset's own per-shard error counts, merged (for the run summary)."""
-    total: dict[str, int] = {}
-    for p in Path(download_dir).glob("*_stats.json"):
-        for msg, n in json.loads(p.read_text()).get("status_dict", {}).items():
-            total[msg] = total.get(msg, 0) + n
-    return total

@@ -15,14 +15,18 @@ import html
 import ipaddress
 import re
 import socket
-import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
 
-from .common import OK, batch_len, mark_failed, record_time, to_lists
+from pydantic import Field
+
+from ssam.configio import Section
+
+from .common import OK, Stage, batch_len, mark_failed
+from .download import DownloadConfig
 
 _TAG = re.compile(r"<[^>]{0,200}>")
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -96,27 +100,48 @@ def check_url(
     return OK, ""
 
 
-class FilterStage:
-    """LAION metadata filters + caption cleaning + URL safety + duplicate URLs."""
+class FilterConfig(Section):
+    min_metadata_side: int = Field(
+        0, ge=0, description="drop rows whose metadata width or height is below this (0: off)"
+    )
+    drop_nsfw: bool = Field(True, description="drop rows whose NSFW column is one of nsfw_tags")
+    nsfw_tags: list[str] = Field(["NSFW", "UNSURE"], description="NSFW column values that drop a row")
+    min_similarity: float | None = Field(None, description="drop rows with similarity below this (null: off)")
+    languages: list[str] = Field(
+        [], description="keep only these languages (needs columns.language; empty: all)"
+    )
+    max_caption_chars: int = Field(
+        512, ge=16, le=100_000, description="captions are cleaned and cut to this length"
+    )
+    require_caption: bool = Field(False, description="drop rows whose cleaned caption is empty")
+
+
+class FilterStage(Stage):
+    """LAION metadata filters + caption cleaning + URL safety + duplicate URLs.
+
+    The first stage: it starts each row's bookkeeping (``status``, ``fail_stage``, ``fail_detail``).
+    URL safety follows the download section (what may be fetched), the rest the filter section.
+    """
 
     name = "filter"
+    reads = ("url", "caption")
+    writes = ("status", "fail_stage", "fail_detail")
 
-    def __init__(self, cfg):
-        self.f = cfg.filter
-        self.d = cfg.download
-        self.max_chars = cfg.filter.max_caption_chars
+    def __init__(self, cfg: FilterConfig, url_policy: DownloadConfig):
+        self.cfg = cfg
+        self.url_policy = url_policy
+        self.max_chars = cfg.max_caption_chars
         self._seen: set[bytes] = set()
 
     def _reject(self, row: dict[str, Any]) -> tuple[str, str]:
-        f = self.f
-        reason, detail = check_url(
-            row["url"], self.d.allow_private_hosts, self.d.allow_file_urls, self.d.resolve_hosts
-        )
+        f = self.cfg
+        u = self.url_policy
+        reason, detail = check_url(row["url"], u.allow_private_hosts, u.allow_file_urls, u.resolve_hosts)
         if reason != OK:
             return reason, detail
         w, h = row.get("width"), row.get("height")
-        if f.min_image_side and w is not None and h is not None and min(w, h) < f.min_image_side:
-            return "too_small", f"{w}x{h} < {f.min_image_side}"
+        if f.min_metadata_side and w is not None and h is not None and min(w, h) < f.min_metadata_side:
+            return "too_small", f"{w}x{h} < {f.min_metadata_side}"
         nsfw = row.get("nsfw")
         if f.drop_nsfw and nsfw is not None and str(nsfw).upper() in {t.upper() for t in f.nsfw_tags}:
             return "nsfw", f"tag {nsfw}"
@@ -137,7 +162,7 @@ class FilterStage:
     def _prefetch_hosts(self, urls: list) -> None:
         """Resolve the batch's distinct host names concurrently into the lookup cache (one slow
         resolver answer must not serialise a whole LAION part file)."""
-        if self.d.allow_private_hosts or not self.d.resolve_hosts:
+        if self.url_policy.allow_private_hosts or not self.url_policy.resolve_hosts:
             return
         hosts = {urlparse(u.strip()).hostname for u in urls if isinstance(u, str) and u.strip()}
         hosts = {h.rstrip(".") for h in hosts if h and not h.replace(".", "").isdigit() and ":" not in h}
@@ -145,9 +170,7 @@ class FilterStage:
             with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
                 list(pool.map(_host_addresses, hosts))
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        started = time.perf_counter()
-        out = to_lists(batch)
+    def process(self, out: dict[str, list]) -> None:
         n = batch_len(out)
         self._prefetch_hosts(out.get("url", []))
         out["caption"] = [clean_caption(c, self.max_chars) for c in out.get("caption", [None] * n)]
@@ -158,5 +181,3 @@ class FilterStage:
             reason, detail = self._reject(row)
             if reason != OK:
                 mark_failed(out, i, self.name, reason, detail)
-        record_time(out, self.name, started)
-        return out

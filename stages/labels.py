@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import io
 import json
-import time
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from pycocotools import mask as mask_utils
+from pydantic import Field
 
+from ssam.configio import Section
 from ssam.device import resolve_device
 
-from .common import map_rows, record_time, to_lists
+from .common import ROW_COLUMNS, Stage, map_rows
 from .masks import image_from_jpeg
 
 
@@ -75,17 +77,47 @@ def choose_labels(
     return out
 
 
-class LabelStage:
+class LabelsConfig(Section):
+    clip_model: str = Field("ViT-L-14", description="open_clip model name, or ssam-smoke-clip")
+    clip_pretrained: str | None = Field(
+        "datacomp_xl_s13b_b90k", description="open_clip pretrained tag or local file"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda")
+    background: Literal["dim", "blur", "none"] = Field(
+        "dim", description="what happens to pixels outside the mask in the crop"
+    )
+    background_dim: float = Field(0.3, ge=0, le=1, description="'dim': outside pixels are multiplied by this")
+    blur_radius: float = Field(8.0, ge=0, description="'blur': Gaussian radius in pixels")
+    crop_padding: float = Field(0.1, ge=0, le=2, description="box padding, as a fraction of its size")
+    prompt_templates: list[str] = Field(
+        [], description="prompt ensemble; each needs {} (empty: built-in five)"
+    )
+    background_labels: list[str] = Field(
+        ["background", "texture", "blurry photo"], description="labels that mean 'no object'"
+    )
+    logit_scale: float = Field(100.0, gt=0, description="softmax temperature applied to cosine similarities")
+    score_threshold: float = Field(0.3, ge=0, le=1, description="label is null below this softmax score")
+    margin_threshold: float = Field(
+        0.05, ge=0, le=1, description="label is null when the runner-up is this close"
+    )
+    top_k: int = Field(3, ge=1, le=50, description="candidates kept in each annotation's topk")
+    clip_batch_size: int = Field(64, ge=1, description="crops per CLIP forward")
+    keep_embeddings: bool = Field(True, description="write KEY.emb.npy with the crop embeddings")
+
+
+class LabelStage(Stage):
     """``annotations_json`` + ``candidates_json`` -> labelled annotations and ``emb`` (float16 .npy bytes)."""
 
     name = "labels"
+    reads = (*ROW_COLUMNS, "jpeg", "candidates_json", "annotations_json")
+    writes = ("annotations_json", "emb")
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: LabelsConfig, seed: int = 0):
         from ssam.model.clip import load_clip
 
-        self.l = cfg.labels
-        device = str(resolve_device(self.l.device))
-        self.clip = load_clip(self.l.clip_model, self.l.clip_pretrained, seed=cfg.seed, device=device)
+        self.cfg = cfg
+        device = str(resolve_device(self.cfg.device))
+        self.clip = load_clip(self.cfg.clip_model, self.cfg.clip_pretrained, seed=seed, device=device)
         self.provenance = self.clip.provenance
         self._text_cache: dict[str, np.ndarray] = {}
 
@@ -95,7 +127,7 @@ class LabelStage:
 
         missing = [lab for lab in dict.fromkeys(labels) if lab not in self._text_cache]
         if missing:
-            templates = self.l.prompt_templates or None
+            templates = self.cfg.prompt_templates or None
             emb = (
                 encode_texts(self.clip, missing, templates) if templates else encode_texts(self.clip, missing)
             )
@@ -117,15 +149,15 @@ class LabelStage:
                 image,
                 mask,
                 ann["bbox"],
-                self.l.crop_padding,
-                self.l.background,
-                self.l.background_dim,
-                self.l.blur_radius,
+                self.cfg.crop_padding,
+                self.cfg.background,
+                self.cfg.background_dim,
+                self.cfg.blur_radius,
             )
             crops.append(self.clip.preprocess(crop))
         embs = [
-            encode_images(self.clip, torch.stack(crops[s : s + self.l.clip_batch_size]))
-            for s in range(0, len(crops), self.l.clip_batch_size)
+            encode_images(self.clip, torch.stack(crops[s : s + self.cfg.clip_batch_size]))
+            for s in range(0, len(crops), self.cfg.clip_batch_size)
         ]
         return np.concatenate(embs) if embs else np.zeros((0, self.clip.embed_dim), np.float32)
 
@@ -133,12 +165,12 @@ class LabelStage:
         anns = json.loads(annotations_json)
         cands = [c["label"] for c in json.loads(candidates_json)]
         emb = self.crop_embeddings(image_from_jpeg(jpeg), anns)
-        names = cands + list(self.l.background_labels)
+        names = cands + list(self.cfg.background_labels)
         if cands:
-            logits = self.l.logit_scale * emb @ self.text_embeddings(names).T
+            logits = self.cfg.logit_scale * emb @ self.text_embeddings(names).T
             probs = torch.softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
             picks = choose_labels(
-                probs, names, len(cands), self.l.top_k, self.l.score_threshold, self.l.margin_threshold
+                probs, names, len(cands), self.cfg.top_k, self.cfg.score_threshold, self.cfg.margin_threshold
             )
         else:
             picks = [(None, 0.0, [])] * len(anns)
@@ -148,17 +180,13 @@ class LabelStage:
         np.save(buf, emb.astype(np.float16), allow_pickle=False)
         return {
             "annotations_json": json.dumps(anns),
-            "emb": buf.getvalue() if self.l.keep_embeddings else b"",
+            "emb": buf.getvalue() if self.cfg.keep_embeddings else b"",
         }
 
-    def __call__(self, batch):
-        started = time.perf_counter()
-        out = to_lists(batch)
+    def process(self, out: dict[str, list]) -> None:
         map_rows(
             out,
             self.name,
             lambda i: self.label_one(out["jpeg"][i], out["candidates_json"][i], out["annotations_json"][i]),
             {"emb": b""},
         )
-        record_time(out, self.name, started)
-        return out

@@ -25,7 +25,7 @@ TIMING_STAGES = ("decode", "candidates", "masks", "labels")
 
 
 def sample_from_row(row: dict[str, Any], provenance: dict) -> Sample:
-    """One ok row -> a FORMAT.md sample."""
+    """One ok row -> a sample as docs/FORMAT.md defines it."""
     emb = np.load(io.BytesIO(row["emb"]), allow_pickle=False) if row.get("emb") else None
     meta = {
         "image": {

@@ -71,6 +71,7 @@ def test_fetch_downloads_once_and_checks_sha256(tmp_path, monkeypatch):
     assert not list((tmp_path / "weights").glob("*.part"))  # no half-written file left behind
 
 
+@pytest.mark.slow
 def test_smoke_clip_checkpoint_round_trip(tmp_path):
     a = load_clip(SMOKE_CLIP, None, seed=1)
     path = tmp_path / "clip.pt"

@@ -32,6 +32,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_predict_on_a_real_photo_writes_coco_json_and_an_overlay(checkpoint, tmp_path, capsys):
     code = predict_main(
         [

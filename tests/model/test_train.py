@@ -33,6 +33,7 @@ def metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(shapes, tmp_path):
     cfg = cfg_for(shapes, "train.max_steps=6", "train.checkpoint_every=3")
     fit(Trainer(cfg, tmp_path / "a"), resume=False, progress=False)
@@ -101,6 +102,7 @@ def write_sa1b_tar(path, n=6, seed=3):
     return path
 
 
+@pytest.mark.slow
 def test_sa1b_samples_are_read_and_trained_on_with_mask_losses_only(shapes, tmp_path):
     sa1b = write_sa1b_tar(tmp_path / "sa_000000.tar")
     cfg = cfg_for(shapes, f'data.sa1b=["{sa1b}"]', "data.mix={ours: 0, sa1b: 1}", "train.max_steps=3")
@@ -125,6 +127,7 @@ def test_sa1b_samples_are_read_and_trained_on_with_mask_losses_only(shapes, tmp_
     assert states["ours"]["sample"] > 0 and states["sa1b"]["sample"] > 0  # both sources were drawn
 
 
+@pytest.mark.slow
 def test_bad_shards_and_samples_are_counted_skipped_and_can_abort(tmp_path):
     good = tmp_path / "good"
     write_shapes(good, images=30, per_shard=30, seed=1)
@@ -180,6 +183,7 @@ def test_train_cli_errors_are_clear(tmp_path, capsys):
         load_train_config(SMOKE, ["data.mix={laion: 1}"])
 
 
+@pytest.mark.slow
 def test_two_worker_ray_train_run(shapes, tmp_path, ray_loopback):
     cfg = cfg_for(shapes, "train.max_steps=4", "train.checkpoint_every=2")
     final = train_with_ray(cfg, tmp_path / "ddp", resume=False, num_workers=2, use_gpu=False)
@@ -218,6 +222,7 @@ def _evaluate(trainer, rng_seed=123, images=24):
     return float(np.mean(ious)), float(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_learning_on_synthetic_shapes(tmp_path):
     """A few minutes of CPU training make masks and names clearly better on held-out images."""
     from ssam.model.predict import PredictOptions, evaluate_coco

@@ -27,6 +27,7 @@ def cluster():
     c.shutdown()
 
 
+@pytest.mark.cluster
 def test_pipeline_spreads_over_a_multi_node_cluster(cluster, tmp_path):
     # The head has no CPU, masks may only run where node_a is, labels where node_b is: the run can
     # finish only if the worker nodes did the work, both of them.

@@ -71,7 +71,7 @@ def test_config_reference_lists_every_key_and_the_readme_documents_them():
         "output.samples_per_shard",
         "download.allow_private_hosts",
         "download.allow_file_urls",
-        "download.image_size",
+        "decode.image_size",
         "masks.points_per_side",
         "candidates.backend",
         "candidates.max_candidates",

@@ -95,6 +95,7 @@ def outcomes(run: Path) -> dict:
     return seen
 
 
+@pytest.mark.slow
 def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_loopback):
     srv, path, expected, extra_outcomes = served
     cfg = load_config(
@@ -168,6 +169,7 @@ def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_loopback
         run_pipeline(other, log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_keys_none_twice(tmp_path, ray_loopback):
     run = tmp_path / "run"
     cmd = [

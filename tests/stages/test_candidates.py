@@ -79,7 +79,7 @@ def test_stage_merges_caption_and_llm_candidates_with_sources(smoke_cfg):
     smoke_cfg.candidates.backend = "none"
     smoke_cfg.candidates.vocabulary = "coco"
     smoke_cfg.candidates.max_candidates = 5
-    stage = CandidatesStage(smoke_cfg)
+    stage = CandidatesStage(smoke_cfg.candidates, smoke_cfg.seed)
     k = len(stage.templates)
     stage.generator = FakeLLM(["cars, traffic lights, wheel"] * k + ["Sure! person"] + ["dog"] * (k - 1))
     batch = {
@@ -106,12 +106,14 @@ def test_stage_merges_caption_and_llm_candidates_with_sources(smoke_cfg):
 def test_candidates_are_capped(smoke_cfg):
     smoke_cfg.candidates.backend = "none"
     smoke_cfg.candidates.max_candidates = 3
-    stage = CandidatesStage(smoke_cfg)
+    stage = CandidatesStage(smoke_cfg.candidates, smoke_cfg.seed)
     assert len(stage.candidates_for("a dog a cat a car a bus a boat", ["apple", "pear"])) == 3
 
 
 def test_smoke_llm_generates_one_answer_per_prompt_through_transformers(smoke_cfg):
-    stage = CandidatesStage(smoke_cfg)  # the real transformers backend with the smoke model
+    stage = CandidatesStage(
+        smoke_cfg.candidates, smoke_cfg.seed
+    )  # the real transformers backend with the smoke model
     assert stage.provenance == {"backend": "transformers", "model": "smoke", "smoke": True}
     answers = stage.generator.generate(["a", "a much longer prompt about a street", "b"])
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)

@@ -77,7 +77,7 @@ def test_too_small_after_decoding():
 
 
 def test_decode_stage_keeps_good_rows_and_marks_bad_ones(smoke_cfg):
-    stage = DecodeStage(smoke_cfg)
+    stage = DecodeStage(smoke_cfg.decode)
     batch = {
         "key": ["a", "b", "c"],
         "image": [imagefiles.jpeg(), imagefiles.html_page(), b""],

@@ -63,10 +63,10 @@ def test_check_url_refuses_names_that_resolve_to_private_addresses(monkeypatch):
 
 
 def test_filter_stage_marks_every_rejected_row_with_its_reason(smoke_cfg):
-    smoke_cfg.filter.min_image_side = 100
+    smoke_cfg.filter.min_metadata_side = 100
     smoke_cfg.filter.min_similarity = 0.25
     smoke_cfg.filter.require_caption = True
-    stage = FilterStage(smoke_cfg)
+    stage = FilterStage(smoke_cfg.filter, smoke_cfg.download)
     rows = {
         "url": [
             "http://8.8.8.8/1.jpg",
@@ -120,7 +120,7 @@ def test_filter_stage_resolves_each_distinct_host_once_concurrently(smoke_cfg, m
     filter_mod._host_addresses.cache_clear()
     urls = [f"http://{h}/{i}.jpg" for i in range(2) for h in answers]
     n = len(urls)
-    out = FilterStage(smoke_cfg)(
+    out = FilterStage(smoke_cfg.filter, smoke_cfg.download)(
         {
             "url": urls,
             "caption": ["x"] * n,

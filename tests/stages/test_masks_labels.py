@@ -32,7 +32,7 @@ def mask_stage():
     from ssam.pipeline.config import load_config
 
     cfg = load_config(REPO / "configs/pipeline/smoke.yaml", ["output.dir=/tmp/unused"])
-    return MaskStage(cfg)
+    return MaskStage(cfg.masks, cfg.seed)
 
 
 def test_masks_on_a_real_photo_are_valid_sa1b_annotations(mask_stage):
@@ -41,7 +41,7 @@ def test_masks_on_a_real_photo_are_valid_sa1b_annotations(mask_stage):
     assert out["status"] == ["ok", "ok"]
     anns = json.loads(out["annotations_json"][0])
     h, w = image_from_jpeg(jpeg).shape[:2]
-    assert 0 < len(anns) <= mask_stage.m.max_masks_per_image
+    assert 0 < len(anns) <= mask_stage.cfg.max_masks_per_image
     assert [a["id"] for a in anns] == list(range(len(anns)))
     ious = [a["predicted_iou"] for a in anns]
     assert ious == sorted(ious, reverse=True)
@@ -102,7 +102,7 @@ def test_crop_dims_outside_the_mask_only():
 
 
 def test_label_stage_names_masks_from_candidates_with_embeddings(smoke_cfg, mask_stage):
-    stage = LabelStage(smoke_cfg)
+    stage = LabelStage(smoke_cfg.labels, smoke_cfg.seed)
     jpeg = imagefiles.jpeg(240)
     batch = mask_stage(
         _rows(
@@ -134,7 +134,7 @@ def test_label_stage_names_masks_from_candidates_with_embeddings(smoke_cfg, mask
 
 
 def test_text_embeddings_are_cached(smoke_cfg):
-    stage = LabelStage(smoke_cfg)
+    stage = LabelStage(smoke_cfg.labels, smoke_cfg.seed)
     a = stage.text_embeddings(["dog", "cat"])
     stage.clip.model.encode_text = None  # any second computation would now fail
     np.testing.assert_array_equal(stage.text_embeddings(["cat", "dog"]), a[::-1])
