@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,13 +48,15 @@ if mode == "train":
     out = {"samples_per_s": steps * 2 / dt, "s_per_step": dt / steps}
 else:
     from PIL import Image
+    from ssam.model.amg import AmgSettings
     from ssam.model.predict import PredictOptions, load_for_prediction, predict_image
     model = build_semantic_sam(size, 32)
     save_model(Path(tmp) / "m.pt", model, {"name": SMOKE_CLIP, "pretrained": None, "seed": 0, "smoke": True})
     loaded = load_for_prediction(str(Path(tmp) / "m.pt"), "coco", device)
     photos = sorted((Path(os.environ["REPO"]) / "sample/images").glob("*.jpg"))[: n_img + 1]
     images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
-    opts = PredictOptions(points_per_side=pps, pred_iou_thresh=-100, stability_score_thresh=-1, max_masks=100)
+    amg = AmgSettings(points_per_side=pps, pred_iou_thresh=0, stability_score_thresh=0, max_masks=100)
+    opts = PredictOptions(amg=amg)
     use_bf16 = bf16 and device == "cuda"
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
@@ -96,6 +99,7 @@ def measure(mode: str, size: str, args) -> dict:
             "SSAM_OFFLINE": "1",
             "HF_HUB_OFFLINE": "1",
             "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the GPU machine's carried packages
             "SSAM_CACHE": str(Path(tmp) / "cache"),
             "HOME": tmp,
         }

@@ -9,13 +9,14 @@ from ssam.pipeline.config import config_reference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADER = "| key | type | default | description |"
+ANCHOR = "### Config reference"  # the pipeline table is the first table after this heading
 
 
 def main() -> None:
     lines = README.read_text().splitlines()
-    start = lines.index(HEADER)  # the first table with this header is the pipeline's
+    start = lines.index(HEADER, lines.index(ANCHOR))
     end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
-    lines[start:end] = config_reference()
+    lines[start:end] = [HEADER, "|---|---|---|---|", *config_reference()]
     README.write_text("\n".join(lines) + "\n")
 
 

@@ -96,42 +96,36 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _predict_options(args):
+    from .amg import AmgSettings
     from .predict import PredictOptions
 
-    return PredictOptions(
+    amg = AmgSettings(
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_thresh,
         box_nms_thresh=args.nms_thresh,
         max_masks=args.max_masks,
-        min_label_score=getattr(args, "min_label_score", 0.0),
+        min_mask_area=args.min_mask_area,
     )
+    return PredictOptions(amg=amg, min_label_score=getattr(args, "min_label_score", 0.0))
 
 
 def _add_generator_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--points-per-side", type=int, default=32, help="automatic mode: point grid per side (default 32)"
-    )
-    p.add_argument("--points-per-batch", type=int, default=64, help="points decoded at once (default 64)")
-    p.add_argument(
-        "--pred-iou-thresh",
-        type=float,
-        default=0.8,
-        help="keep masks with predicted IoU above this (default 0.8)",
-    )
-    p.add_argument(
-        "--stability-thresh",
-        type=float,
-        default=0.9,
-        help="keep masks with stability above this (default 0.9)",
-    )
-    p.add_argument(
-        "--nms-thresh", type=float, default=0.7, help="box IoU for NMS between masks (default 0.7)"
-    )
-    p.add_argument(
-        "--max-masks", type=int, default=200, help="at most this many masks per image (default 200)"
-    )
+    from .amg import AmgSettings
+
+    d = AmgSettings()  # one set of defaults: the pipeline's masks stage uses the same
+    flags = [
+        ("--points-per-side", int, d.points_per_side, "automatic mode: point grid per side"),
+        ("--points-per-batch", int, d.points_per_batch, "point prompts per mask-decoder call"),
+        ("--pred-iou-thresh", float, d.pred_iou_thresh, "keep masks with predicted IoU above this"),
+        ("--stability-thresh", float, d.stability_score_thresh, "keep masks with stability at least this"),
+        ("--nms-thresh", float, d.box_nms_thresh, "box IoU for NMS between masks"),
+        ("--max-masks", int, d.max_masks, "at most this many masks per image, highest predicted IoU first"),
+        ("--min-mask-area", int, d.min_mask_area, "drop masks with fewer pixels"),
+    ]
+    for flag, kind, default, text in flags:
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 

@@ -21,6 +21,7 @@ from ssam.overlay import render_overlay
 from ssam.paths import expand_specs
 from ssam.vocab import load_vocabulary
 
+from .amg import AmgSettings
 from .clip import encode_texts, load_clip
 from .predictor import SemanticPredictor
 from .semantic_sam import CheckpointError, load_model
@@ -31,14 +32,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 @dataclass
 class PredictOptions:
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.8
-    stability_score_thresh: float = 0.9
-    box_nms_thresh: float = 0.7
-    max_masks: int = 200
-    min_label_score: float = 0.2
-    max_pixels: int = 64_000_000
+    amg: AmgSettings = field(default_factory=AmgSettings)  # automatic mode: the engine's settings
+    min_label_score: float = 0.2  # label is None below this softmax probability
+    max_pixels: int = 64_000_000  # refuse larger images
 
 
 @dataclass
@@ -108,14 +104,7 @@ def predict_image(loaded: Loaded, image: np.ndarray, opts: PredictOptions, boxes
     if boxes is not None:
         masks, iou, sem, score = pred.predict(boxes=np.asarray(boxes, np.float32))
     else:
-        masks, iou, sem, score = pred.generate(
-            opts.points_per_side,
-            opts.points_per_batch,
-            opts.pred_iou_thresh,
-            opts.stability_score_thresh,
-            opts.box_nms_thresh,
-            opts.max_masks,
-        )
+        masks, iou, sem, score = pred.generate(opts.amg)
     labels, probs = pred.name(sem, loaded.vocab_emb, loaded.vocab, opts.min_label_score)
     anns = []
     for i in range(len(masks)):

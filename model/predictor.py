@@ -1,8 +1,8 @@
 """Semantic-SAM inference: masks from boxes, points or a point grid, named from any vocabulary.
 
-Automatic mode follows SAM's mask generator (a ``points_per_side`` grid, the three multimask
-outputs per point, predicted-IoU and stability filtering, box NMS), using segment-anything's own
-helpers for the grid, stability score and boxes. Each mask's semantic embedding is compared with
+Automatic mode is the project's one automatic-mask engine (:mod:`ssam.model.amg`, SAM's generator
+recipe on the device, the same code and defaults as the pipeline's masks stage), run on
+Semantic-SAM so that each mask also carries its semantic embedding. Each embedding is compared with
 the vocabulary's CLIP text embeddings (prompt-ensembled): the nearest entry names it, with its
 softmax probability at the model's learned temperature, or nothing below ``min_label_score``.
 """
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
-from torchvision.ops import batched_nms
 
+from .amg import AmgSettings, MaskEngine
 from .semantic_sam import SemanticSam
 
 
@@ -25,12 +24,14 @@ class SemanticPredictor:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self._engine: MaskEngine | None = None
 
     @torch.inference_mode()
     def set_image(self, image_hwc: np.ndarray) -> None:
         img = self.transform.apply_image(image_hwc)
         self.original_size = image_hwc.shape[:2]
         self.input_size = img.shape[:2]
+        self.image = image_hwc
         x = self.model.preprocess(torch.as_tensor(img, device=self.device).permute(2, 0, 1).float()[None])
         self.features = self.model.image_encoder(x)
 
@@ -67,52 +68,24 @@ class SemanticPredictor:
             score[rows, best].cpu().numpy(),
         )
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        points_per_side: int = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.8,
-        stability_score_thresh: float = 0.9,
-        box_nms_thresh: float = 0.7,
-        max_masks: int = 200,
-    ):
-        """Automatic masks (SAM's recipe); returns masks NxHxW bool, iou N, semantic NxD, score N."""
+    def generate(self, settings: AmgSettings | None = None) -> tuple[np.ndarray, ...]:
+        """Automatic masks by the project's one engine (:class:`~ssam.model.amg.MaskEngine`, the same
+        as the pipeline's masks stage), highest predicted IoU first.
+
+        Returns masks NxHxW bool, iou N, semantic NxD, score N.
+        """
+        settings = settings or AmgSettings()
+        if self._engine is None or self._engine.s != settings:
+            self._engine = MaskEngine(self.model, settings)
+        res = self._engine.generate([self.image], [self.features], return_masks=True)[0]
+        if res.failure:
+            raise RuntimeError(f"automatic masks failed: {res.failure}")
         h, w = self.original_size
-        grid = build_point_grid(points_per_side) * np.array([[w, h]])
-        keep_masks, keep_iou, keep_sem, keep_score = [], [], [], []
-        for s in range(0, len(grid), points_per_batch):
-            masks, iou, sem, score = self._decode(points=grid[s : s + points_per_batch])
-            masks, iou, sem, score = (
-                masks[:, 1:].flatten(0, 1),
-                iou[:, 1:].flatten(),
-                sem[:, 1:].flatten(0, 1),
-                score[:, 1:].flatten(),
-            )
-            ok = iou > pred_iou_thresh
-            stab = calculate_stability_score(masks, self.model.mask_threshold, 1.0)
-            ok &= stab >= stability_score_thresh
-            if ok.any():
-                up = self._upscale(masks[ok][:, None])[:, 0] > self.model.mask_threshold
-                nonempty = up.flatten(1).any(1)
-                keep_masks.append(up[nonempty])
-                keep_iou.append(iou[ok][nonempty])
-                keep_sem.append(sem[ok][nonempty])
-                keep_score.append(score[ok][nonempty])
-        if not keep_masks:
+        if not res.records:
             d = self.model.config.clip_dim
             return np.zeros((0, h, w), bool), np.zeros(0), np.zeros((0, d)), np.zeros(0)
-        masks, iou, sem, score = (torch.cat(x) for x in (keep_masks, keep_iou, keep_sem, keep_score))
-        keep = batched_nms(
-            batched_mask_to_box(masks).float(), iou.float(), torch.zeros_like(iou), box_nms_thresh
-        )
-        keep = keep[:max_masks]
-        return (
-            masks[keep].cpu().numpy(),
-            iou[keep].cpu().numpy(),
-            sem[keep].cpu().numpy(),
-            score[keep].cpu().numpy(),
-        )
+        iou = np.array([r["predicted_iou"] for r in res.records])
+        return res.masks, iou, res.semantic, res.score
 
     def name(
         self, semantic_nd: np.ndarray, vocab_emb_vd: np.ndarray, vocab: list[str], min_label_score: float

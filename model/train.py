@@ -23,32 +23,10 @@ from ssam.device import resolve_device
 from ssam.io import atomic_path
 
 from .data import BadDataCounter, MixedSource, TarSource, prepare_example, resolve_tars
+from .label_engine import TextEmbeddingCache
 from .losses import mask_losses, semantic_losses
 from .semantic_sam import build_semantic_sam, load_model, load_sam_weights, read_checkpoint, save_model
 from .train_config import TrainConfig
-
-
-class TextEmbeddings:
-    """CLIP text embeddings of labels, computed once per label and kept on disk between runs."""
-
-    def __init__(self, clip_bundle, path: Path | None):
-        self.clip, self.path = clip_bundle, path
-        self.table: dict[str, torch.Tensor] = {}
-        if path is not None and path.exists():
-            self.table = torch.load(path, map_location="cpu", weights_only=True)
-
-    def get(self, labels: list[str]) -> torch.Tensor:
-        from .clip import encode_texts
-
-        missing = [lab for lab in dict.fromkeys(labels) if lab not in self.table]
-        if missing:
-            self.table.update(zip(missing, torch.from_numpy(encode_texts(self.clip, missing)), strict=True))
-        return torch.stack([self.table[lab] for lab in labels])
-
-    def save(self) -> None:
-        if self.path is not None:
-            with atomic_path(self.path) as tmp:
-                torch.save(self.table, tmp)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -96,7 +74,9 @@ class Trainer:
             )
         self.data = MixedSource(sources, cfg.data.mix, cfg.seed + 7 * rank)
         self.rng = torch.Generator().manual_seed(cfg.seed * 31 + rank)
-        self.text = TextEmbeddings(self.clip, self.output / "text_embeddings.pt" if rank == 0 else None)
+        self.text = TextEmbeddingCache(
+            self.clip, path=self.output / "text_embeddings.pt" if rank == 0 else None
+        )
         self.step = 0
 
     def _build_model(self):
@@ -172,7 +152,7 @@ class Trainer:
             sem = sems[rows, best[rows]]
             score = scores[rows, best[rows]]
             distinct = list(dict.fromkeys(labels[i] for i in lab_rows))
-            text = self.text.get(distinct).to(dev)
+            text = torch.from_numpy(self.text.get(distinct)).to(dev)
             crop = self._crop_embeddings(examples, order, text.shape[1])[rows.cpu()].to(dev)
             con, sc, acc = semantic_losses(
                 sem,

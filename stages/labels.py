@@ -22,7 +22,7 @@ from pydantic import Field
 from ssam.configio import Section
 from ssam.device import resolve_device
 
-from .common import ROW_COLUMNS, Stage, map_rows
+from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 from .masks import image_from_jpeg
 
 
@@ -78,6 +78,11 @@ def choose_labels(
 
 
 class LabelsConfig(Section):
+    engine: Literal["batched", "reference"] = Field(
+        "batched",
+        description="batched: crops cut on the device, CLIP over several images' crops; reference: PIL crops",
+    )
+    bf16: bool = Field(True, description="batched engine: bf16 autocast of CLIP's image tower on CUDA")
     clip_model: str = Field("ViT-L-14", description="open_clip model name, or ssam-smoke-clip")
     clip_pretrained: str | None = Field(
         "datacomp_xl_s13b_b90k", description="open_clip pretrained tag or local file"
@@ -106,39 +111,32 @@ class LabelsConfig(Section):
 
 
 class LabelStage(Stage):
-    """``annotations_json`` + ``candidates_json`` -> labelled annotations and ``emb`` (float16 .npy bytes)."""
+    """``annotations_json`` + ``candidates_json`` -> labelled annotations and ``emb`` (float16 .npy bytes).
+
+    Args:
+        cfg: the ``labels:`` section.
+        seed: seed of the smoke model's random weights.
+        clip: an already loaded CLIP (``ClipBundle``) to use instead of ``cfg.clip_model``.
+    """
 
     name = "labels"
     reads = (*ROW_COLUMNS, "jpeg", "candidates_json", "annotations_json")
     writes = ("annotations_json", "emb")
 
-    def __init__(self, cfg: LabelsConfig, seed: int = 0):
+    def __init__(self, cfg: LabelsConfig, seed: int = 0, clip=None):
         from ssam.model.clip import load_clip
+        from ssam.model.label_engine import TextEmbeddingCache
 
         self.cfg = cfg
-        device = str(resolve_device(self.cfg.device))
-        self.clip = load_clip(self.cfg.clip_model, self.cfg.clip_pretrained, seed=seed, device=device)
-        self.provenance = self.clip.provenance
-        self._text_cache: dict[str, np.ndarray] = {}
-
-    def text_embeddings(self, labels: list[str]) -> np.ndarray:
-        """``[len(labels), D]`` prompt-ensembled embeddings, computed once per label."""
-        from ssam.model.clip import encode_texts
-
-        missing = [lab for lab in dict.fromkeys(labels) if lab not in self._text_cache]
-        if missing:
-            templates = self.cfg.prompt_templates or None
-            emb = (
-                encode_texts(self.clip, missing, templates) if templates else encode_texts(self.clip, missing)
-            )
-            self._text_cache.update(zip(missing, emb, strict=True))
-        return (
-            np.stack([self._text_cache[lab] for lab in labels])
-            if labels
-            else np.zeros((0, self.clip.embed_dim))
-        )
+        device = str(resolve_device(cfg.device))
+        if clip is None:
+            clip = load_clip(cfg.clip_model, cfg.clip_pretrained, seed=seed, device=device)
+        self.clip = clip
+        self.provenance = clip.provenance
+        self.text = TextEmbeddingCache(clip, cfg.prompt_templates or None)
 
     def crop_embeddings(self, image: np.ndarray, anns: list[dict]) -> np.ndarray:
+        """Reference engine: ``[M, D]`` CLIP embeddings of one image's mask crops, cut with PIL."""
         from ssam.model.clip import encode_images
 
         crops = []
@@ -161,13 +159,31 @@ class LabelStage(Stage):
         ]
         return np.concatenate(embs) if embs else np.zeros((0, self.clip.embed_dim), np.float32)
 
-    def label_one(self, jpeg: bytes, candidates_json: str, annotations_json: str) -> dict:
-        anns = json.loads(annotations_json)
-        cands = [c["label"] for c in json.loads(candidates_json)]
-        emb = self.crop_embeddings(image_from_jpeg(jpeg), anns)
+    def batched_embeddings(self, images: list[np.ndarray], anns: list[list[dict]]) -> list:
+        """Batched engine: each image's crop embeddings, or ``Failed`` where it ran out of GPU memory."""
+        from ssam.model.label_engine import embed_mask_crops
+        from ssam.oom import run_halving_on_oom
+
+        def run(ix: list[int]) -> list[np.ndarray]:
+            return embed_mask_crops(
+                self.clip,
+                [images[i] for i in ix],
+                [anns[i] for i in ix],
+                padding=self.cfg.crop_padding,
+                background=self.cfg.background,
+                dim=self.cfg.background_dim,
+                blur_radius=self.cfg.blur_radius,
+                batch_size=self.cfg.clip_batch_size,
+                bf16=self.cfg.bf16,
+            )
+
+        return run_halving_on_oom(run, list(range(len(images))))
+
+    def label(self, anns: list[dict], cands: list[str], emb: np.ndarray) -> dict:
+        """Name each annotation from its image's candidates; the row's new columns."""
         names = cands + list(self.cfg.background_labels)
         if cands:
-            logits = self.cfg.logit_scale * emb @ self.text_embeddings(names).T
+            logits = self.cfg.logit_scale * emb @ self.text.get(names).T
             probs = torch.softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
             picks = choose_labels(
                 probs, names, len(cands), self.cfg.top_k, self.cfg.score_threshold, self.cfg.margin_threshold
@@ -184,9 +200,26 @@ class LabelStage(Stage):
         }
 
     def process(self, out: dict[str, list]) -> None:
-        map_rows(
-            out,
-            self.name,
-            lambda i: self.label_one(out["jpeg"][i], out["candidates_json"][i], out["annotations_json"][i]),
-            {"emb": b""},
-        )
+        from ssam.oom import Failed
+
+        idx = ok_indices(out)
+        anns = {i: json.loads(out["annotations_json"][i]) for i in idx}
+        images = {i: image_from_jpeg(out["jpeg"][i]) for i in idx}
+        embs: dict[int, object] = {}
+        if self.cfg.engine == "batched" and idx:
+            embs = dict(
+                zip(
+                    idx,
+                    self.batched_embeddings([images[i] for i in idx], [anns[i] for i in idx]),
+                    strict=True,
+                )
+            )
+
+        def one(i):
+            emb = embs[i] if i in embs else self.crop_embeddings(images[i], anns[i])
+            if isinstance(emb, Failed):
+                raise RowFailure(emb.reason, emb.message)
+            cands = [c["label"] for c in json.loads(out["candidates_json"][i])]
+            return self.label(anns[i], cands, emb)
+
+        map_rows(out, self.name, one, {"emb": b""})

@@ -1,9 +1,15 @@
-"""Masks: SAM automatic mask proposals (segment-anything's ``SamAutomaticMaskGenerator``).
+"""Masks: SAM automatic mask proposals, by one of two engines.
 
-Every generator setting comes from ``cfg.masks``. The expensive part, the ViT image encoder, runs
-batched over the images of a Ray batch (``encoder_batch_size`` at a time); the generator then
-reuses those features for its full-image crop instead of encoding each image alone. bf16
-autocast on CUDA when ``masks.bf16`` is set.
+``masks.engine: batched`` (the default) is :class:`ssam.model.amg.MaskEngine`, the one automatic-mask
+engine this project has (``ssam-predict`` uses it too): the prompts of all images of a batch are
+decoded together and filtering, NMS and RLE encoding stay on the device. ``reference`` is
+segment-anything's own ``SamAutomaticMaskGenerator``, untouched, image by image (its image
+encoder still runs batched over the images of a batch); it is kept to compare against.
+
+Both honour every generator setting in ``masks:``, with one set of defaults
+(:class:`~ssam.model.amg.AmgSettings`), and both drop masks smaller than ``masks.min_mask_area``
+before anything is written. A CUDA out-of-memory error halves the batch and retries; a row that
+still does not fit alone fails as ``gpu_oom``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 from contextlib import nullcontext
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,34 +27,58 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from ssam.configio import Section
 from ssam.device import resolve_device
+from ssam.model.amg import AmgSettings, MaskEngine
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 
+AMG = AmgSettings()  # the one set of automatic-mask defaults (segment-anything's, plus ours)
+
 
 class MasksConfig(Section):
+    engine: Literal["batched", "reference"] = Field(
+        "batched", description="batched: our GPU-grade engine; reference: segment-anything's generator"
+    )
     sam_model: str = Field("vit_h", description="SAM size: vit_h, vit_l, vit_b, smoke")
     sam_checkpoint: str | None = Field(
         None, description="checkpoint path or URL (null: the official one, fetched once)"
     )
     device: str = Field("auto", description="auto, cpu, cuda")
-    bf16: bool = Field(True, description="bf16 autocast on CUDA")
-    points_per_side: int = Field(32, ge=1, le=128, description="SAM point grid per side")
-    points_per_batch: int = Field(64, ge=1, description="points decoded at once")
-    pred_iou_thresh: float = Field(0.88, ge=0, le=1, description="minimum predicted IoU")
-    stability_score_thresh: float = Field(0.95, ge=0, le=1, description="minimum stability score")
-    stability_score_offset: float = Field(1.0, description="logit offset for the stability score")
-    box_nms_thresh: float = Field(0.7, ge=0, le=1, description="box IoU for NMS between masks")
-    crop_n_layers: int = Field(0, ge=0, le=3, description="extra crop layers")
-    crop_nms_thresh: float = Field(0.7, ge=0, le=1, description="box IoU for NMS between crops")
-    crop_overlap_ratio: float = Field(512 / 1500, ge=0, lt=1, description="overlap of crops")
-    crop_n_points_downscale_factor: int = Field(1, ge=1, description="point-grid downscale per crop layer")
+    bf16: bool = Field(AMG.bf16, description="bf16 autocast on CUDA")
+    compile_encoder: bool = Field(
+        AMG.compile_encoder, description="batched engine on CUDA: torch.compile the image encoder"
+    )
+    points_per_side: int = Field(AMG.points_per_side, ge=1, le=128, description="SAM point grid per side")
+    points_per_batch: int = Field(
+        AMG.points_per_batch, ge=1, description="point prompts per mask-decoder call (GPU: 256-1024)"
+    )
+    pred_iou_thresh: float = Field(AMG.pred_iou_thresh, ge=0, le=1, description="minimum predicted IoU")
+    stability_score_thresh: float = Field(
+        AMG.stability_score_thresh, ge=0, le=1, description="minimum stability score"
+    )
+    stability_score_offset: float = Field(
+        AMG.stability_score_offset, description="logit offset for the stability score"
+    )
+    box_nms_thresh: float = Field(AMG.box_nms_thresh, ge=0, le=1, description="box IoU for NMS between masks")
+    crop_n_layers: int = Field(AMG.crop_n_layers, ge=0, le=3, description="extra crop layers")
+    crop_nms_thresh: float = Field(
+        AMG.crop_nms_thresh, ge=0, le=1, description="box IoU for NMS between crops"
+    )
+    crop_overlap_ratio: float = Field(AMG.crop_overlap_ratio, ge=0, lt=1, description="overlap of crops")
+    crop_n_points_downscale_factor: int = Field(
+        AMG.crop_n_points_downscale_factor, ge=1, description="point-grid downscale per crop layer"
+    )
     min_mask_region_area: int = Field(
-        0, ge=0, description="remove islands and holes smaller than this (pixels)"
+        AMG.min_mask_region_area, ge=0, description="remove islands and holes smaller than this (pixels)"
+    )
+    min_mask_area: int = Field(
+        AMG.min_mask_area, ge=0, description="drop masks with fewer pixels (empty or degenerate masks)"
     )
     max_masks_per_image: int = Field(
-        256, ge=1, description="keep this many masks, highest predicted IoU first"
+        AMG.max_masks, ge=1, description="keep this many masks, highest predicted IoU first"
     )
-    encoder_batch_size: int = Field(4, ge=1, description="images per image-encoder forward")
+    encoder_batch_size: int = Field(
+        AMG.encoder_batch_size, ge=1, description="images (or crops) per image-encoder forward"
+    )
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per actor (0: torch default)")
 
     @model_validator(mode="after")
@@ -57,6 +88,27 @@ class MasksConfig(Section):
         if self.sam_model not in SAM_SIZES:
             raise ValueError(f"unknown SAM size {self.sam_model!r}; expected one of {sorted(SAM_SIZES)}")
         return self
+
+    def amg_settings(self) -> AmgSettings:
+        """These settings as the engine's settings."""
+        return AmgSettings(
+            points_per_side=self.points_per_side,
+            points_per_batch=self.points_per_batch,
+            pred_iou_thresh=self.pred_iou_thresh,
+            stability_score_thresh=self.stability_score_thresh,
+            stability_score_offset=self.stability_score_offset,
+            box_nms_thresh=self.box_nms_thresh,
+            crop_n_layers=self.crop_n_layers,
+            crop_nms_thresh=self.crop_nms_thresh,
+            crop_overlap_ratio=self.crop_overlap_ratio,
+            crop_n_points_downscale_factor=self.crop_n_points_downscale_factor,
+            min_mask_region_area=self.min_mask_region_area,
+            min_mask_area=self.min_mask_area,
+            max_masks=self.max_masks_per_image,
+            encoder_batch_size=self.encoder_batch_size,
+            bf16=self.bf16,
+            compile_encoder=self.compile_encoder,
+        )
 
 
 class PrecomputedPredictor(SamPredictor):
@@ -106,39 +158,49 @@ def sa1b_annotation(i: int, m: dict) -> dict:
 
 
 class MaskStage(Stage):
-    """``jpeg`` -> ``annotations_json`` (SA-1B annotations, no labels yet); ``no_masks`` when empty."""
+    """``jpeg`` -> ``annotations_json`` (SA-1B annotations, no labels yet); ``no_masks`` when empty.
+
+    Args:
+        cfg: the ``masks:`` section.
+        seed: seed of the smoke model's random weights.
+        sam: an already built SAM to use instead of loading ``cfg.sam_model`` (benchmarks, tests).
+    """
 
     name = "masks"
     reads = (*ROW_COLUMNS, "jpeg")
     writes = ("annotations_json",)
 
-    def __init__(self, cfg: MasksConfig, seed: int = 0):
+    def __init__(self, cfg: MasksConfig, seed: int = 0, sam=None):
         from ssam.model.sam import load_sam
 
-        m = cfg
-        self.cfg = m
-        self.device = resolve_device(m.device)
-        if m.torch_threads:
-            torch.set_num_threads(m.torch_threads)
-        self.sam, self.provenance = load_sam(m.sam_model, m.sam_checkpoint, seed=seed)
-        self.sam.to(self.device)
-        self.predictor = PrecomputedPredictor(self.sam)
-        self.generator = SamAutomaticMaskGenerator(
-            self.sam,
-            points_per_side=m.points_per_side,
-            points_per_batch=m.points_per_batch,
-            pred_iou_thresh=m.pred_iou_thresh,
-            stability_score_thresh=m.stability_score_thresh,
-            stability_score_offset=m.stability_score_offset,
-            box_nms_thresh=m.box_nms_thresh,
-            crop_n_layers=m.crop_n_layers,
-            crop_nms_thresh=m.crop_nms_thresh,
-            crop_overlap_ratio=m.crop_overlap_ratio,
-            crop_n_points_downscale_factor=m.crop_n_points_downscale_factor,
-            min_mask_region_area=m.min_mask_region_area,
-            output_mode="coco_rle",
-        )
-        self.generator.predictor = self.predictor
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        if sam is None:
+            sam, self.provenance = load_sam(cfg.sam_model, cfg.sam_checkpoint, seed=seed)
+        else:
+            self.provenance = {"name": cfg.sam_model, "checkpoint": None, "smoke": True, "injected": True}
+        self.sam = sam.to(self.device).eval()
+        self.engine = MaskEngine(self.sam, cfg.amg_settings()) if cfg.engine == "batched" else None
+        if self.engine is None:
+            self.predictor = PrecomputedPredictor(self.sam)
+            self.generator = SamAutomaticMaskGenerator(
+                self.sam,
+                points_per_side=cfg.points_per_side,
+                points_per_batch=cfg.points_per_batch,
+                pred_iou_thresh=cfg.pred_iou_thresh,
+                stability_score_thresh=cfg.stability_score_thresh,
+                stability_score_offset=cfg.stability_score_offset,
+                box_nms_thresh=cfg.box_nms_thresh,
+                crop_n_layers=cfg.crop_n_layers,
+                crop_nms_thresh=cfg.crop_nms_thresh,
+                crop_overlap_ratio=cfg.crop_overlap_ratio,
+                crop_n_points_downscale_factor=cfg.crop_n_points_downscale_factor,
+                min_mask_region_area=cfg.min_mask_region_area,
+                output_mode="coco_rle",
+            )
+            self.generator.predictor = self.predictor
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.bf16:
@@ -147,7 +209,7 @@ class MaskStage(Stage):
 
     @torch.inference_mode()
     def embed(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-        """Image-encoder features ``1xCxhxw`` and the resized input size of each image, batched."""
+        """Reference engine: image-encoder features ``1xCxhxw`` and resized input size per image, batched."""
         out = []
         for s in range(0, len(images), self.cfg.encoder_batch_size):
             chunk, sizes = [], []
@@ -162,23 +224,37 @@ class MaskStage(Stage):
         return out
 
     @torch.inference_mode()
-    def masks_for(self, image: np.ndarray, features: torch.Tensor, input_size: tuple[int, int]) -> list[dict]:
+    def reference_records(self, image: np.ndarray, features: torch.Tensor, input_size) -> list[dict]:
+        """segment-anything's generator on one image, highest predicted IoU first."""
         self.predictor.preload(image, features, input_size)
         with self._autocast():
             records = self.generator.generate(image)
         records.sort(key=lambda r: -r["predicted_iou"])
-        records = records[: self.cfg.max_masks_per_image]
-        if not records:
+        return records
+
+    def annotations(self, records: list[dict]) -> list[dict]:
+        """The kept records (``min_mask_area``, ``max_masks_per_image``) as SA-1B annotations."""
+        kept = [r for r in records if r["area"] >= max(self.cfg.min_mask_area, 1)]
+        kept = kept[: self.cfg.max_masks_per_image]
+        if not kept:
             raise RowFailure("no_masks", "SAM proposed no mask that passed the thresholds")
-        return [sa1b_annotation(i, r) for i, r in enumerate(records)]
+        return [sa1b_annotation(i, r) for i, r in enumerate(kept)]
 
     def process(self, out: dict[str, list]) -> None:
         idx = ok_indices(out)
         images = {i: image_from_jpeg(out["jpeg"][i]) for i in idx}
-        feats = dict(zip(idx, self.embed([images[i] for i in idx]), strict=True)) if idx else {}
+        if self.engine is not None:
+            results = dict(zip(idx, self.engine.generate([images[i] for i in idx]), strict=True))
+        else:
+            feats = dict(zip(idx, self.embed([images[i] for i in idx]), strict=True)) if idx else {}
 
         def one(i):
-            anns = self.masks_for(images[i], *feats[i])
-            return {"annotations_json": json.dumps(anns)}
+            if self.engine is None:
+                records = self.reference_records(images[i], *feats[i])
+            elif results[i].failure:
+                raise RowFailure(results[i].failure, "out of GPU memory even as a batch of one image")
+            else:
+                records = results[i].records
+            return {"annotations_json": json.dumps(self.annotations(records))}
 
         map_rows(out, self.name, one, {"annotations_json": "[]"})

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -133,3 +134,21 @@ def test_truncated_tar_is_reported(tmp_path):
     data = (tmp_path / "00000.tar").read_bytes()
     (tmp_path / "00000.tar").write_bytes(data[:700])
     assert any("tar" in e or "JSON" in e or "parquet" in e for e in validate_shard(tmp_path, 0))
+
+
+def test_every_failure_reason_is_known_and_documented():
+    """The reasons the code emits are the ones FAILURE_REASONS lists, and the README and FORMAT.md explain each."""
+    import re
+
+    from ssam.format import FAILURE_REASONS
+
+    REPO = Path(__file__).resolve().parents[2]
+
+    code = "\n".join(p.read_text() for d in ("stages", "pipeline", "model") for p in (REPO / d).glob("*.py"))
+    emitted = set(re.findall(r'RowFailure\(\s*"([a-z_]+)"', code))
+    emitted |= set(re.findall(r'return "([a-z_]+)", ', (REPO / "stages/filter.py").read_text()))
+    emitted |= set(re.findall(r'"(gpu_oom|stage_error|download_failed)"', code))
+    assert emitted and emitted <= set(FAILURE_REASONS), emitted - set(FAILURE_REASONS)
+    readme, fmt = (REPO / "README.md").read_text(), (REPO / "docs/FORMAT.md").read_text()
+    for reason in FAILURE_REASONS:
+        assert f"`{reason}`" in readme and f"`{reason}`" in fmt, reason

@@ -225,6 +225,7 @@ def _evaluate(trainer, rng_seed=123, images=24):
 @pytest.mark.slow
 def test_learning_on_synthetic_shapes(tmp_path):
     """A few minutes of CPU training make masks and names clearly better on held-out images."""
+    from ssam.model.amg import AmgSettings
     from ssam.model.predict import PredictOptions, evaluate_coco
 
     write_shapes(tmp_path / "shards", images=96, per_shard=24, seed=0)
@@ -253,7 +254,7 @@ def test_learning_on_synthetic_shapes(tmp_path):
     assert acc_after > 0.6 and acc_after > acc_before + 0.2  # 3 classes: chance is 1/3
     # Automatic mode (point grid, no filtering thresholds: the small model's IoU head is young),
     # zero-shot with the GT categories as vocabulary: the trained model finds and names shapes.
-    opts = PredictOptions(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    opts = PredictOptions(amg=AmgSettings(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0))
     before = evaluate_coco(str(tmp_path / "untrained.pt"), gt, tmp_path / "coco/images", opts)
     after = evaluate_coco(str(tmp_path / "run/model.pt"), gt, tmp_path / "coco/images", opts)
     print(before, after)

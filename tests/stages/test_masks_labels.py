@@ -25,14 +25,18 @@ def _rows(jpegs, candidates=None):
     }
 
 
-@pytest.fixture(scope="module")
-def mask_stage():
+def _smoke_masks_cfg(**update):
     from conftest import REPO
 
     from ssam.pipeline.config import load_config
 
     cfg = load_config(REPO / "configs/pipeline/smoke.yaml", ["output.dir=/tmp/unused"])
-    return MaskStage(cfg.masks, cfg.seed)
+    return cfg.masks.model_copy(update=update), cfg.seed
+
+
+@pytest.fixture(scope="module", params=["batched", "reference"])
+def mask_stage(request):
+    return MaskStage(*_smoke_masks_cfg(engine=request.param))
 
 
 def test_masks_on_a_real_photo_are_valid_sa1b_annotations(mask_stage):
@@ -57,9 +61,10 @@ def test_masks_on_a_real_photo_are_valid_sa1b_annotations(mask_stage):
     assert out["annotations_json"][0] == out["annotations_json"][1]  # batched = deterministic per image
 
 
-def test_batched_encoder_features_equal_segment_anythings_own(mask_stage):
+def test_batched_encoder_features_equal_segment_anythings_own():
     from segment_anything import SamPredictor
 
+    mask_stage = MaskStage(*_smoke_masks_cfg(engine="reference"))
     images = [image_from_jpeg(imagefiles.jpeg(s)) for s in (300, 200, 260)]
     batched = mask_stage.embed(images)
     ref = SamPredictor(mask_stage.sam)
@@ -69,13 +74,10 @@ def test_batched_encoder_features_equal_segment_anythings_own(mask_stage):
         torch.testing.assert_close(feats, ref.features, atol=1e-4, rtol=1e-4)
 
 
-def test_no_masks_is_a_failure_record_not_a_crash(mask_stage):
-    old = mask_stage.generator.pred_iou_thresh
-    mask_stage.generator.pred_iou_thresh = 2.0  # nothing can pass
-    try:
-        out = mask_stage(_rows([imagefiles.jpeg(200)]))
-    finally:
-        mask_stage.generator.pred_iou_thresh = old
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_no_masks_is_a_failure_record_not_a_crash(engine):
+    stage = MaskStage(*_smoke_masks_cfg(engine=engine, pred_iou_thresh=1.0))  # IoU > 1: nothing passes
+    out = stage(_rows([imagefiles.jpeg(200)]))
     assert out["status"] == ["no_masks"] and out["fail_stage"] == ["masks"]
 
 
@@ -135,6 +137,6 @@ def test_label_stage_names_masks_from_candidates_with_embeddings(smoke_cfg, mask
 
 def test_text_embeddings_are_cached(smoke_cfg):
     stage = LabelStage(smoke_cfg.labels, smoke_cfg.seed)
-    a = stage.text_embeddings(["dog", "cat"])
+    a = stage.text.get(["dog", "cat"])
     stage.clip.model.encode_text = None  # any second computation would now fail
-    np.testing.assert_array_equal(stage.text_embeddings(["cat", "dog"]), a[::-1])
+    np.testing.assert_array_equal(stage.text.get(["cat", "dog"]), a[::-1])

@@ -1,0 +1,338 @@
+"""The labelling engine, batched vs reference, side by side in one run on the same images.
+
+For each setup (SAM size + CLIP model, random weights: timing only, never labels to trust):
+
+1. masks stage: ``masks.engine=reference`` (segment-anything's generator, untouched) vs
+   ``batched`` (model/amg.py), s/image, the ratio, and mask agreement: the share of reference
+   masks matched at IoU >= 0.9 by the batched output, and vice versa;
+2. labels stage: ``labels.engine=reference`` (per-mask PIL crops, CLIP image by image) vs
+   ``batched`` (crops cut on the device, CLIP over several images' crops), on the same
+   annotations; s/image, ratio, label agreement and embedding cosine;
+3. the whole label path (batched masks + batched labels), images/s and peak GPU memory;
+4. with ``--pipeline N``: the pipeline's stages (decode, candidates without LLM, masks, labels,
+   shard writing) over the bundled sample replicated to N images, images/s.
+
+Thresholds are set so that a realistic number of masks (up to ``--max-masks``) survive random
+weights. Runs without Ray and img2dataset (the GPU machine has neither)::
+
+    .venv/bin/python benchmarks/bench_engine.py --setups smoke vit_b:ViT-B-32            # CPU
+    python3 benchmarks/bench_engine.py --device cuda --setups vit_b:ViT-B-32 vit_h:ViT-L-14 \
+        --images 16 --pipeline 240                                                         # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = [
+    "person",
+    "dog",
+    "cat",
+    "car",
+    "bicycle",
+    "tree",
+    "building",
+    "sky",
+    "cup",
+    "table",
+    "rocket",
+    "flower",
+]
+
+
+def sample_images(n: int, side: int) -> list[bytes]:
+    """JPEG bytes of the bundled photos, longest side ``side``, cycled to ``n``."""
+    files = sorted((REPO / "sample/images").glob("*.jpg"))
+    out = []
+    for i in range(n):
+        img = Image.open(files[i % len(files)]).convert("RGB")
+        img.thumbnail((side, side))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def rows_for(jpegs: list[bytes]) -> dict[str, list]:
+    n = len(jpegs)
+    cands = json.dumps([{"label": lab, "source": "caption"} for lab in LABELS])
+    return {
+        "key": [f"{i:06d}" for i in range(n)],
+        "status": ["ok"] * n,
+        "fail_stage": [""] * n,
+        "fail_detail": [""] * n,
+        "jpeg": list(jpegs),
+        "candidates_json": [cands] * n,
+    }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def masks_of(anns_json: str) -> list[np.ndarray]:
+    return [
+        mask_utils.decode(a["segmentation"] | {"counts": a["segmentation"]["counts"].encode()})
+        for a in json.loads(anns_json)
+    ]
+
+
+def matched_share(a: list[np.ndarray], b: list[np.ndarray], thresh: float = 0.9) -> float:
+    """Share of masks in ``a`` that some mask in ``b`` matches at IoU >= thresh (1.0 when ``a`` is empty)."""
+    if not a:
+        return 1.0
+    if not b:
+        return 0.0
+    ra = [mask_utils.encode(np.asfortranarray(m)) for m in a]
+    rb = [mask_utils.encode(np.asfortranarray(m)) for m in b]
+    iou = mask_utils.iou(ra, rb, [0] * len(rb))
+    return float((np.asarray(iou).max(1) >= thresh).mean())
+
+
+def stage_pair(kind: str, cfg_section, seed: int, model, device: str, batched_update: dict | None = None):
+    """Reference and batched stage objects over the same model (``batched_update``: the batched
+    engine's own settings, e.g. more prompts per decoder call)."""
+    from ssam.stages.labels import LabelStage
+    from ssam.stages.masks import MaskStage
+
+    out = {}
+    for engine in ("reference", "batched"):
+        update = {
+            "engine": engine,
+            "device": device,
+            **((batched_update or {}) if engine == "batched" else {}),
+        }
+        section = cfg_section.model_copy(update=update)
+        out[engine] = (
+            MaskStage(section, seed, sam=model) if kind == "masks" else LabelStage(section, seed, clip=model)
+        )
+    return out
+
+
+def bench_setup(args, sam_size: str, clip_name: str) -> dict:
+    from ssam.model.clip import load_clip
+    from ssam.model.sam import build_sam
+    from ssam.pipeline.config import load_config
+
+    cfg = load_config(
+        REPO / "configs/pipeline/smoke.yaml",
+        [
+            "output.dir=/tmp/unused",
+            "masks.pred_iou_thresh=0",
+            "masks.stability_score_thresh=0",
+            f"masks.max_masks_per_image={args.max_masks}",
+            f"masks.points_per_side={args.points_per_side}",
+            f"masks.points_per_batch={args.points_per_batch}",
+            f"masks.box_nms_thresh={args.box_nms}",
+            f"masks.encoder_batch_size={args.batch}",
+            f"labels.clip_batch_size={args.clip_batch}",
+            "labels.score_threshold=0",
+            "labels.margin_threshold=0",
+        ],
+    )
+    side = 256 if sam_size == "smoke" else 1024
+    sam = build_sam(sam_size, seed=0).to(args.device).eval()
+    clip = load_clip(clip_name, None, seed=0, device=args.device) if clip_name == "ssam-smoke-clip" else None
+    if clip is None:  # a real architecture with random weights: timing only
+        import open_clip
+
+        from ssam.model.clip import ClipBundle
+
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            clip_name, pretrained=None, device=args.device
+        )
+        tok = open_clip.get_tokenizer(clip_name)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        dim = int(model.text_projection.shape[1]) if model.text_projection is not None else 512
+        clip = ClipBundle(model.eval(), preprocess, tok, dim, int(size), {"name": clip_name, "smoke": True})
+    jpegs = sample_images(args.images, side)
+    res: dict = {"sam": sam_size, "clip": clip_name, "images": len(jpegs), "device": args.device}
+    res["settings"] = {k: v for k, v in vars(args).items() if k not in ("setups", "out")}
+    if args.device.startswith("cuda"):
+        res["gpu"] = torch.cuda.get_device_name()
+
+    ppb = {"points_per_batch": args.batched_points_per_batch or args.points_per_batch}
+    masks = stage_pair("masks", cfg.masks, cfg.seed, sam, args.device, ppb)
+    warm = rows_for(jpegs[: args.batch])
+    for st in masks.values():
+        st(warm)
+    outs = {}
+    for engine, st in masks.items():
+        outs[engine], t = timed(lambda st=st: _in_batches(st, rows_for(jpegs), args.batch), args.device)
+        res[f"masks_{engine}_s_per_image"] = t / len(jpegs)
+    res["masks_speedup"] = res["masks_reference_s_per_image"] / res["masks_batched_s_per_image"]
+    ref_m = [masks_of(a) for a in outs["reference"]["annotations_json"]]
+    bat_m = [masks_of(a) for a in outs["batched"]["annotations_json"]]
+    res["masks_per_image_reference"] = float(np.mean([len(m) for m in ref_m]))
+    res["masks_per_image_batched"] = float(np.mean([len(m) for m in bat_m]))
+    res["ref_matched_by_batched"] = float(
+        np.mean([matched_share(a, b) for a, b in zip(ref_m, bat_m, strict=True)])
+    )
+    res["batched_matched_by_ref"] = float(
+        np.mean([matched_share(b, a) for a, b in zip(ref_m, bat_m, strict=True)])
+    )
+
+    labels = stage_pair("labels", cfg.labels, cfg.seed, clip, args.device)
+    rows = dict(outs["reference"])
+    for st in labels.values():
+        st({k: v[: args.batch] for k, v in rows.items()})
+    louts = {}
+    for engine, st in labels.items():
+        louts[engine], t = timed(lambda st=st: _in_batches(st, dict(rows), args.batch), args.device)
+        res[f"labels_{engine}_s_per_image"] = t / len(jpegs)
+    res["labels_speedup"] = res["labels_reference_s_per_image"] / res["labels_batched_s_per_image"]
+    ref_l = [a["label"] for j in louts["reference"]["annotations_json"] for a in json.loads(j)]
+    bat_l = [a["label"] for j in louts["batched"]["annotations_json"] for a in json.loads(j)]
+    res["label_agreement"] = (
+        float(np.mean([a == b for a, b in zip(ref_l, bat_l, strict=True)])) if ref_l else 1.0
+    )
+    cos = []
+    for ea, eb in zip(louts["reference"]["emb"], louts["batched"]["emb"], strict=True):
+        a, b = np.load(io.BytesIO(ea)).astype(np.float32), np.load(io.BytesIO(eb)).astype(np.float32)
+        cos += list((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8))
+    res["embedding_cosine_mean"] = float(np.mean(cos)) if cos else 1.0
+
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def label_path():
+        out = _in_batches(masks["batched"], rows_for(jpegs), args.batch)
+        return _in_batches(labels["batched"], out, args.batch)
+
+    _, t = timed(label_path, args.device)
+    res["label_path_images_per_s"] = len(jpegs) / t
+    if args.device.startswith("cuda"):
+        res["label_path_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.pipeline:
+        res.update(bench_pipeline(args, cfg, masks["batched"], labels["batched"], side))
+    return res
+
+
+def _in_batches(stage, rows: dict[str, list], size: int) -> dict[str, list]:
+    from ssam.pipeline.graph import _run_chain
+
+    return _run_chain([(stage, size)], rows)
+
+
+def fake_download_shard(folder: Path, shard_id: int, jpegs: list[bytes], start: int) -> Path:
+    """An img2dataset-style shard (tar of KEY.jpg + parquet with status), as the pipeline reads them."""
+    stem = folder / f"{shard_id:05d}"
+    rows = []
+    with tarfile.open(f"{stem}.tar", "w") as tar:
+        for i, data in enumerate(jpegs):
+            key = f"{shard_id:05d}{start + i:04d}"
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            rows.append(
+                {
+                    "key": key,
+                    "status": "success",
+                    "caption": "a photo",
+                    "url": f"file:{key}.jpg",
+                    "sha256": "",
+                    "error_message": None,
+                }
+            )
+    pq.write_table(pa.Table.from_pylist(rows), f"{stem}.parquet")
+    return stem
+
+
+def bench_pipeline(args, cfg, mask_stage, label_stage, side: int) -> dict:
+    """decode -> candidates (no LLM) -> masks -> labels -> shard writing, over N replicated photos."""
+    from ssam.pipeline.graph import _run_chain
+    from ssam.stages.candidates import CandidatesStage
+    from ssam.stages.decode import DecodeStage
+    from ssam.stages.download import read_downloaded_shard
+    from ssam.stages.write import ShardAssembler
+
+    per_shard = 60
+    jpegs = sample_images(args.pipeline, 2048)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        stems = [
+            fake_download_shard(tmp, s, jpegs[o : o + per_shard], 0)
+            for s, o in enumerate(range(0, len(jpegs), per_shard))
+        ]
+        decode = DecodeStage(cfg.decode.model_copy(update={"image_size": side}))
+        cands = CandidatesStage(
+            cfg.candidates.model_copy(update={"backend": "none", "vocabulary": "coco"}), cfg.seed
+        )
+        chain = [(decode, 16), (cands, 64), (mask_stage, args.batch), (label_stage, args.batch)]
+        expected = {
+            int(s.name): len(jpegs[o : o + per_shard])
+            for s, o in zip(stems, range(0, len(jpegs), per_shard), strict=True)
+        }
+        assembler = ShardAssembler(tmp / "shards", expected, {"smoke": True})
+        sync(args.device)
+        t = time.perf_counter()
+        for stem in stems:
+            assembler.add(_run_chain(chain, read_downloaded_shard(stem)))
+        sync(args.device)
+        wall = time.perf_counter() - t
+    return {
+        "pipeline_images": len(jpegs),
+        "pipeline_images_per_s": len(jpegs) / wall,
+        "pipeline_shards": len(assembler.written),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--setups", nargs="+", default=["smoke:ssam-smoke-clip"], help="SAM:CLIP pairs, e.g. vit_h:ViT-L-14"
+    )
+    p.add_argument("--images", type=int, default=4, help="images per timed pass")
+    p.add_argument(
+        "--batch", type=int, default=4, help="rows per stage batch (the encoder and CLIP batch across them)"
+    )
+    p.add_argument("--points-per-side", type=int, default=32)
+    p.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call (reference)")
+    p.add_argument(
+        "--batched-points-per-batch", type=int, default=0, help="the batched engine's (0: the same)"
+    )
+    p.add_argument("--box-nms", type=float, default=0.7, help="box NMS threshold (both engines)")
+    p.add_argument("--max-masks", type=int, default=100)
+    p.add_argument("--clip-batch", type=int, default=64)
+    p.add_argument(
+        "--pipeline", type=int, default=0, help="also run the pipeline's stages over N replicated photos"
+    )
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    results = []
+    for setup in args.setups:
+        sam_size, _, clip_name = setup.partition(":")
+        r = bench_setup(args, sam_size, clip_name or "ssam-smoke-clip")
+        print(json.dumps(r, indent=1), flush=True)
+        results.append(r)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""Automatic masks for several images at once: SAM's point-grid recipe, run on the device.
+
+One engine for the masks stage and ``ssam-predict``'s automatic mode. Its results follow
+segment-anything's ``SamAutomaticMaskGenerator(output_mode="coco_rle")``: the same settings and
+defaults, the same filters in the same order (predicted IoU on the low-res output, stability on
+the upscaled logits, crop-edge boxes, box NMS per crop, NMS between crops, small-region cleanup),
+built from its helpers. What differs is where and how often the work happens:
+
+* the prompts of all images and crops of a call share mask-decoder calls (``points_per_batch``
+  prompts each), each prompt with its own image embedding;
+* only the masks that pass the predicted-IoU filter are upscaled; stability, boxes, crop-edge
+  filtering and the RLE run counts are computed on the device, chunk by chunk, keeping only
+  survivors; NMS runs once per call for all images (one category per crop, then per image);
+* only the masks that survive NMS leave the device, as run counts in one transfer.
+
+Added on top: ``min_mask_area`` (empty and degenerate masks are dropped), ``max_masks``, the
+semantic embedding and score of each mask for a Semantic-SAM, and CUDA out-of-memory halving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    remove_small_regions,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops import batched_nms
+
+from ssam.oom import Failed, run_halving_on_oom
+
+
+@dataclass(frozen=True)
+class AmgSettings:
+    """Automatic-mask settings. Defaults are ``SamAutomaticMaskGenerator``'s, plus our own four."""
+
+    points_per_side: int | None = 32  # grid points per side of each crop; None: use point_grids
+    points_per_batch: int = 64  # prompts per mask-decoder call, across images and crops (GPU: 256-1024)
+    pred_iou_thresh: float = 0.88  # keep masks whose predicted IoU is above this (0: no filter)
+    stability_score_thresh: float = 0.95  # keep masks whose stability score is at least this (0: no filter)
+    stability_score_offset: float = 1.0  # logit shift of the two cutoffs the stability score compares
+    box_nms_thresh: float = 0.7  # box IoU above which NMS drops the lower-IoU mask within a crop
+    crop_n_layers: int = 0  # extra crop layers; layer i has (2**i)**2 crops, each one encoded
+    crop_nms_thresh: float = 0.7  # box IoU for NMS between crops (the mask from the smaller crop wins)
+    crop_overlap_ratio: float = 512 / 1500  # crop overlap in the first layer, as a fraction of the short side
+    crop_n_points_downscale_factor: int = 1  # layer i samples points_per_side / factor**i points per side
+    point_grids: Sequence[np.ndarray] | None = (
+        None  # explicit Nx2 grids in [0,1], one per crop layer (kept as tuples)
+    )
+    min_mask_region_area: int = 0  # fill holes, drop islands smaller than this (pixels; OpenCV on the CPU)
+    min_mask_area: int = 16  # ours: drop masks with fewer pixels (empty, degenerate); 0 keeps them
+    max_masks: int = 256  # ours: masks kept per image, highest predicted IoU first
+    encoder_batch_size: int = 4  # images or crops per image-encoder forward
+    bf16: bool = True  # bf16 autocast of encoder and decoder on CUDA (ignored elsewhere)
+    compile_encoder: bool = False  # torch.compile the image encoder on CUDA (ignored elsewhere)
+
+    def __post_init__(self):
+        if (self.points_per_side is None) == (self.point_grids is None):
+            raise ValueError("set exactly one of points_per_side and point_grids")
+        if self.point_grids is not None and len(self.point_grids) != self.crop_n_layers + 1:
+            raise ValueError(f"point_grids needs {self.crop_n_layers + 1} grids (crop_n_layers + 1)")
+        if min(self.points_per_batch, self.encoder_batch_size, self.max_masks) < 1:
+            raise ValueError("points_per_batch, encoder_batch_size and max_masks must be at least 1")
+        if self.point_grids is not None:  # tuples: settings compare and hash by value
+            grids = tuple(
+                tuple((float(x), float(y)) for x, y in np.asarray(g, float)) for g in self.point_grids
+            )
+            object.__setattr__(self, "point_grids", grids)
+
+
+@dataclass
+class ImageMasks:
+    """One image's automatic masks, highest predicted IoU first; arrays are aligned with records."""
+
+    records: list[dict]  # SA-1B fields: segmentation (COCO RLE), bbox XYWH, area, predicted_iou, ...
+    semantic: np.ndarray | None = None  # NxD unit embeddings of each mask's output (Semantic-SAM only)
+    score: np.ndarray | None = None  # N predicted cosine scores (Semantic-SAM only)
+    masks: np.ndarray | None = None  # NxHxW bool, when generate(return_masks=True)
+    failure: str | None = None  # "gpu_oom": out of GPU memory even alone (records are then empty)
+
+
+def decode_prompts(model: Sam, features: torch.Tensor, coords_pn2: torch.Tensor, labels_pn: torch.Tensor):
+    """All mask-decoder outputs for P point prompts, each with its own image embedding.
+
+    Args:
+        model: a ``Sam`` or ``SemanticSam``.
+        features: ``PxCxhxw`` (the image embedding of each prompt) or ``1xCxhxw`` (shared).
+        coords_pn2, labels_pn: points in the model's input frame and their labels.
+
+    Returns:
+        masks ``Px4xhxw`` low-res logits, iou ``Px4``, semantic ``Px4xD`` and score ``Px4``
+        (both None for a plain SAM); output 0 is the single-mask one, 1..3 the multimask ones.
+    """
+    sparse, dense = model.prompt_encoder(points=(coords_pn2, labels_pn), boxes=None, masks=None)
+    pe, dec = model.prompt_encoder.get_dense_pe(), model.mask_decoder
+    if hasattr(dec, "predict_all"):
+        return dec.predict_all(features, pe, sparse, dense)
+    # MaskDecoder.predict_masks by hand: it repeat_interleaves one image embedding per call, while
+    # here each prompt brings its own (or a shared one broadcasts).
+    p = sparse.shape[0]
+    tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight]).unsqueeze(0).expand(p, -1, -1)
+    tokens = torch.cat([tokens, sparse], dim=1)
+    src = features + dense
+    b, c, h, w = src.shape
+    hs, src = dec.transformer(src, pe.expand(b, -1, -1, -1), tokens)
+    up = dec.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+    bu, cu, hu, wu = up.shape
+    masks = (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu)
+    return masks, dec.iou_prediction_head(hs[:, 0]), None, None
+
+
+def rle_runs(masks_bhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """COCO run lengths of B masks, on their device, without a loop over masks (written by hand).
+
+    Returns:
+        runs ``R`` (int64; mask i's runs follow mask i-1's, zeros first, as COCO counts) and
+        lengths ``B`` (runs per mask).
+    """
+    b, h, w = masks_bhw.shape
+    cols = masks_bhw.transpose(1, 2)  # B x W x H view: COCO's column-major order, without a copy
+    # change[i, x, y]: pixel (y, x) starts a run (differs from the pixel before it; pixel -1 counts as 0)
+    change = torch.empty_like(cols, memory_format=torch.contiguous_format)
+    change[:, :, 1:] = cols[:, :, 1:] != cols[:, :, :-1]
+    change[:, 1:, 0] = cols[:, 1:, 0] != cols[:, :-1, -1]
+    change[:, 0, 0] = cols[:, 0, 0]
+    ids, x, y = change.nonzero(as_tuple=True)
+    k = torch.bincount(ids, minlength=b)
+    # Each mask's run bounds [0, starts..., h*w] side by side; start g of mask i lands at g + 2i + 1.
+    ends = torch.cumsum(k + 2, 0) - 1
+    bounds = torch.zeros(len(ids) + 2 * b, dtype=torch.int64, device=cols.device)
+    bounds[ends] = h * w
+    bounds[torch.arange(len(ids), device=cols.device) + 2 * ids + 1] = x * h + y
+    keep = torch.ones(max(len(bounds) - 1, 0), dtype=torch.bool, device=cols.device)
+    keep[ends[:-1]] = False  # the step from one mask's h*w to the next mask's 0
+    return bounds.diff()[keep], k + 1
+
+
+def take_runs(runs: torch.Tensor, lengths_b: torch.Tensor, index_k: torch.Tensor):
+    """The runs of masks ``index_k`` out of :func:`rle_runs`' output: (runs, lengths ``K``)."""
+    first = torch.cumsum(lengths_b, 0) - lengths_b
+    sel = lengths_b[index_k]
+    total = int(sel.sum())
+    shift = torch.repeat_interleave(first[index_k] - (torch.cumsum(sel, 0) - sel), sel, output_size=total)
+    return runs[shift + torch.arange(total, device=runs.device)], sel
+
+
+def coco_rles(runs: np.ndarray, lengths: np.ndarray, h: int, w: int) -> list[dict]:
+    """Compressed COCO RLEs ``{"size": [h, w], "counts": str}`` from run lengths."""
+    if len(lengths) == 0:
+        return []
+    counts = np.split(np.asarray(runs, np.uint32), np.cumsum(lengths)[:-1])
+    rles = mask_utils.frPyObjects([{"size": [h, w], "counts": c} for c in counts], h, w)
+    return [{"size": [h, w], "counts": r["counts"].decode()} for r in rles]
+
+
+def masks_to_coco_rles(masks_bhw: torch.Tensor) -> list[dict]:
+    """Compressed COCO RLEs of B masks: runs on the device, one transfer, encoded on the CPU."""
+    runs, lengths = rle_runs(masks_bhw)
+    both = torch.cat([lengths, runs]).cpu().numpy()
+    return coco_rles(both[len(lengths) :], both[: len(lengths)], *masks_bhw.shape[1:])
+
+
+def decode_coco_rles(rles: list[dict], h: int, w: int) -> np.ndarray:
+    """``NxHxW`` bool masks from COCO RLEs."""
+    if not rles:
+        return np.zeros((0, h, w), bool)
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+
+
+def top_k_per_group(order: torch.Tensor, score: torch.Tensor, group: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``order`` restricted to the ``k`` highest ``score`` per ``group``, grouped, best first."""
+    order = order[score[order].argsort(descending=True, stable=True)]
+    order = order[group[order].argsort(stable=True)]
+    counts = torch.bincount(group[order])
+    rank = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[group[order]]
+    return order[rank < k]
+
+
+class MaskEngine:
+    """Automatic masks for batches of images with one SAM or Semantic-SAM, on the model's device.
+
+    The masks stage: ``results = engine.generate(images, engine.encode(images))`` (or features
+    from its own batched encoder). ``ssam-predict``: ``engine.generate([image], [features],
+    return_masks=True)[0]`` for masks, IoU (records), semantic embeddings and scores.
+    """
+
+    def __init__(self, model: Sam, settings: AmgSettings | None = None):
+        self.model, self.s = model, settings or AmgSettings()
+        s = self.s
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        if s.points_per_side is not None:
+            n, layers, factor = s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor
+            self.grids = build_all_layer_point_grids(n, layers, factor)
+        else:
+            self.grids = [np.asarray(g, float) for g in s.point_grids]
+        if s.min_mask_region_area > 0:
+            import cv2  # noqa: F401 -- remove_small_regions needs it: fail now, not after the model ran
+        self.semantic = hasattr(model.mask_decoder, "predict_all")
+        cuda = self.device.type == "cuda"
+        self.encoder = (
+            torch.compile(model.image_encoder) if s.compile_encoder and cuda else model.image_encoder
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _autocast(self):
+        if self.s.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched."""
+        out = []
+        for a in range(0, len(images), self.s.encoder_batch_size):
+            x = torch.cat([self._model_input(im) for im in images[a : a + self.s.encoder_batch_size]])
+            with self._autocast():
+                out += list(self.encoder(x).float().split(1))
+        return out
+
+    def _model_input(self, image_hwc: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(self.transform.apply_image(image_hwc), device=self.device)
+        return self.model.preprocess(t.permute(2, 0, 1).contiguous()[None])
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Sequence[np.ndarray],
+        features: Sequence[torch.Tensor | None] | None = None,
+        return_masks: bool = False,
+    ) -> list[ImageMasks]:
+        """Automatic masks of several images, decoded together.
+
+        Args:
+            images: HxWx3 uint8 RGB arrays, any sizes.
+            features: optional ``1xCxhxw`` whole-image features from :meth:`encode` (or the same
+                encoder elsewhere), one per image, None to encode that one here. Crops are
+                always encoded here.
+            return_masks: also return ``NxHxW`` bool masks.
+
+        Returns:
+            One :class:`ImageMasks` per image, in order. All images are processed as one group;
+            on CUDA out-of-memory the group is halved and retried, and an image that runs out
+            of memory alone gets ``failure="gpu_oom"`` and no records.
+        """
+        if features is not None and len(features) != len(images):
+            raise ValueError(f"{len(features)} features for {len(images)} images")
+        feats = list(features) if features is not None else [None] * len(images)
+        results = run_halving_on_oom(
+            lambda ix: self._generate_group([images[i] for i in ix], [feats[i] for i in ix], return_masks),
+            range(len(images)),
+        )
+        return [ImageMasks([], failure=r.reason) if isinstance(r, Failed) else r for r in results]
+
+    def _generate_group(self, images, features, return_masks) -> list[ImageMasks]:
+        s, dev = self.s, self.device
+        jobs = []  # (image, crop box XYXY, layer): one per crop of every image
+        for i, im in enumerate(images):
+            boxes, layers = generate_crop_boxes(im.shape[:2], s.crop_n_layers, s.crop_overlap_ratio)
+            jobs += [(i, box, layer) for box, layer in zip(boxes, layers, strict=True)]
+        feats = [features[i] if layer == 0 else None for i, _, layer in jobs]
+        todo = [j for j, f in enumerate(feats) if f is None]
+        crops = [images[i][y0:y1, x0:x1] for i, (x0, y0, x1, y1), _ in (jobs[j] for j in todo)]
+        for j, f in zip(todo, self.encode(crops), strict=True):
+            feats[j] = f
+        feats_jchw = torch.cat([f.reshape(1, *f.shape[-3:]).to(dev, torch.float32) for f in feats])
+
+        coords, points, prompt_job = [], [], []
+        for j, (_, (x0, y0, x1, y1), layer) in enumerate(jobs):
+            pts = self.grids[layer] * np.array([[x1 - x0, y1 - y0]])
+            coords.append(self.transform.apply_coords(pts, (y1 - y0, x1 - x0)))
+            points.append(pts + np.array([[x0, y0]]))
+            prompt_job.append(np.full(len(pts), j))
+        coords_t = torch.as_tensor(np.concatenate(coords), device=dev)  # float64 as in the generator
+        points, prompt_job = np.concatenate(points), np.concatenate(prompt_job)
+        prompt_job_t = torch.as_tensor(prompt_job, device=dev)
+
+        parts, dim = [], 0
+        for a in range(0, len(points), s.points_per_batch):
+            b = min(a + s.points_per_batch, len(points))
+            first, last = int(prompt_job[a]), int(prompt_job[b - 1])
+            f = feats_jchw[first : first + 1] if first == last else feats_jchw[prompt_job_t[a:b]]
+            labels = torch.ones(b - a, 1, dtype=torch.int, device=dev)
+            with self._autocast():
+                out = decode_prompts(self.model, f, coords_t[a:b, None], labels)
+            # The three multimask outputs, flattened prompt-major like the generator's.
+            low, iou = out[0][:, 1:].float().flatten(0, 1), out[1][:, 1:].float().flatten()
+            extras = [x[:, 1:].float().flatten(0, 1) for x in out[2:]] if self.semantic else []
+            dim = extras[0].shape[-1] if extras else 0
+            prompt = torch.arange(a, b, device=dev).repeat_interleave(out[0].shape[1] - 1)
+            ok = torch.ones_like(iou, dtype=torch.bool)
+            if s.pred_iou_thresh > 0:  # as the generator: 0 keeps negative predictions too
+                ok = iou > s.pred_iou_thresh
+            for j in range(first, last + 1):
+                # At most points_per_batch masks upscaled at once: a third of the generator's peak.
+                for idx in (ok & (prompt_job_t[prompt] == j)).nonzero()[:, 0].split(s.points_per_batch):
+                    chunk = (low[idx], iou[idx], prompt[idx], [x[idx] for x in extras])
+                    parts.append(self._survivors(images, jobs, j, *chunk))
+        if not parts:
+            return [
+                self._image_result(im.shape[:2], [], {}, jobs, points, return_masks, dim) for im in images
+            ]
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        cat["job"] = prompt_job_t[cat["prompt"]]
+        return self._select(images, jobs, cat, points, return_masks, dim)
+
+    def _survivors(self, images, jobs, j, low_bhw, iou, prompt, extras) -> dict[str, torch.Tensor]:
+        """Upscale one crop's IoU survivors; keep the stable, inner, big-enough ones as runs."""
+        s, thr = self.s, self.model.mask_threshold
+        i, box, _ = jobs[j]
+        x0, y0, x1, y1 = box
+        h, w = images[i].shape[:2]
+        crop_hw = (y1 - y0, x1 - x0)
+        input_hw = self.transform.get_preprocess_shape(*crop_hw, self.transform.target_length)
+        logits = self.model.postprocess_masks(low_bhw[:, None], input_hw, crop_hw)[:, 0]
+        stability = calculate_stability_score(logits, thr, s.stability_score_offset)
+        if s.stability_score_thresh > 0:  # as the generator: a NaN score (empty mask) passes a 0 threshold
+            ok = (stability >= s.stability_score_thresh).nonzero()[:, 0]
+            binary, iou, stability, prompt = (logits > thr)[ok], iou[ok], stability[ok], prompt[ok]
+            extras = [x[ok] for x in extras]
+        else:
+            binary = logits > thr
+        boxes = batched_mask_to_box(binary).long()  # float zeros when no mask is left: keep int64
+        area = binary.sum((-2, -1), dtype=torch.int32).long()  # int32 sums of bools: half the copy of int64
+        ok = ~is_box_near_crop_edge(boxes, box, [0, 0, w, h]) & (area >= s.min_mask_area)
+        runs, lengths = rle_runs(uncrop_masks(binary[ok], box, h, w))
+        out = dict(runs=runs, lengths=lengths, iou=iou[ok], stability=stability[ok], area=area[ok])
+        out.update(boxes=uncrop_boxes_xyxy(boxes[ok], box), prompt=prompt[ok])
+        if extras:
+            out["semantic"], out["score"] = extras[0][ok], extras[1][ok]
+        return out
+
+    def _select(self, images, jobs, cat, points, return_masks, dim) -> list[ImageMasks]:
+        """NMS over the whole group, then one transfer of the survivors; records on the CPU."""
+        s, dev = self.s, self.device
+        job, iou = cat["job"], cat["iou"]
+        job_image = torch.as_tensor([i for i, _, _ in jobs], device=dev)
+        job_area = torch.as_tensor([float((b[2] - b[0]) * (b[3] - b[1])) for _, b, _ in jobs], device=dev)
+        image, boxes = job_image[job], cat["boxes"].float()
+        keep = batched_nms(boxes, iou, job, s.box_nms_thresh)  # within each crop
+        if s.crop_n_layers > 0:  # between the crops of an image, the smaller crop's mask first
+            keep = keep[batched_nms(boxes[keep], 1 / job_area[job[keep]], image[keep], s.crop_nms_thresh)]
+        # The generator's order after its NMS (small crops, crop order, predicted IoU), which the
+        # small-region NMS breaks its ties by; grouped by image.
+        for key, descending in ((iou, True), (job, False), (job_area[job], False), (image, False)):
+            keep = keep[key[keep].argsort(descending=descending, stable=True)]
+        if s.min_mask_region_area == 0:  # masks change no more: only the kept leave the device
+            keep = top_k_per_group(keep, iou, image, s.max_masks)
+        runs, lengths = take_runs(cat["runs"], cat["lengths"], keep)
+        rle = torch.cat([lengths, runs]).cpu().numpy()
+        ints = [image[keep], job[keep], cat["prompt"][keep], cat["area"][keep]]
+        ints = torch.cat([torch.stack(ints, 1), cat["boxes"][keep]], 1).cpu().numpy()
+        floats = [iou[keep, None], cat["stability"][keep, None]]
+        if self.semantic:
+            floats += [cat["score"][keep, None], cat["semantic"][keep]]
+        floats = torch.cat(floats, 1).cpu().numpy()
+        lengths, runs = rle[: len(keep)], rle[len(keep) :]
+        run_end = np.cumsum(lengths)
+        results = []
+        for i, im in enumerate(images):
+            lo, hi = np.searchsorted(ints[:, 0], [i, i + 1])
+            r0, r1 = (run_end[lo - 1] if lo else 0), (run_end[hi - 1] if hi else 0)
+            rles = coco_rles(runs[r0:r1], lengths[lo:hi], *im.shape[:2])
+            rows = dict(job=ints[lo:hi, 1], prompt=ints[lo:hi, 2], area=ints[lo:hi, 3], boxes=ints[lo:hi, 4:])
+            rows.update(iou=floats[lo:hi, 0], stability=floats[lo:hi, 1])
+            if self.semantic:
+                rows["score"], rows["semantic"] = floats[lo:hi, 2], floats[lo:hi, 3:]
+            results.append(self._image_result(im.shape[:2], rles, rows, jobs, points, return_masks, dim))
+        return results
+
+    def _small_regions(self, rles: list[dict], rows: dict[str, np.ndarray]) -> np.ndarray:
+        """The generator's postprocess_small_regions on one image: updates rles/rows, returns what NMS keeps."""
+        a = self.s.min_mask_region_area
+        changed = {}
+        for k, rle in enumerate(rles):
+            m, holes = remove_small_regions(mask_utils.decode(rle).astype(bool), a, mode="holes")
+            m, islands = remove_small_regions(m, a, mode="islands")
+            if holes or islands:
+                changed[k] = m
+        boxes = torch.as_tensor(rows["boxes"]).clone()
+        if changed:
+            boxes[list(changed)] = batched_mask_to_box(torch.as_tensor(np.stack(list(changed.values()))))
+        unchanged = torch.ones(len(rles))
+        unchanged[list(changed)] = 0.0  # NMS prefers masks that needed no cleanup
+        thresh = max(self.s.box_nms_thresh, self.s.crop_nms_thresh)
+        keep = batched_nms(boxes.float(), unchanged, torch.zeros(len(rles)), thresh).numpy()
+        for k in (k for k in keep if k in changed):
+            m = changed[k]
+            counts = mask_utils.encode(np.asfortranarray(m, np.uint8))["counts"].decode()
+            rles[k] = {"size": list(m.shape), "counts": counts}
+            rows["area"][k], rows["boxes"][k] = int(m.sum()), boxes[k].numpy()
+        return keep
+
+    def _image_result(self, hw, rles, rows, jobs, points, return_masks, dim) -> ImageMasks:
+        s, h, w = self.s, *hw
+        keep = np.arange(len(rles))
+        if rles and s.min_mask_region_area > 0:
+            keep = self._small_regions(rles, rows)
+            keep = keep[rows["area"][keep] >= s.min_mask_area]
+        if rles:
+            keep = keep[np.argsort(-rows["iou"][keep], kind="stable")][: s.max_masks]
+        records = []
+        for k in keep:
+            (x0, y0, x1, y1), (c0, d0, c1, d1) = rows["boxes"][k], jobs[rows["job"][k]][1]
+            record = {"segmentation": rles[k], "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
+            record.update(area=int(rows["area"][k]), predicted_iou=float(rows["iou"][k]))
+            record.update(stability_score=float(rows["stability"][k]))
+            record.update(point_coords=[[float(v) for v in points[rows["prompt"][k]]]])
+            record.update(crop_box=[float(c0), float(d0), float(c1 - c0), float(d1 - d0)])
+            records.append(record)
+        out = ImageMasks(records)
+        if self.semantic:
+            out.semantic = rows["semantic"][keep] if rles else np.zeros((0, dim), np.float32)
+            out.score = rows["score"][keep] if rles else np.zeros(0, np.float32)
+        if return_masks:
+            out.masks = decode_coco_rles([r["segmentation"] for r in records], h, w)
+        return out

@@ -1,0 +1,359 @@
+"""The automatic-mask engine against segment-anything's own SamAutomaticMaskGenerator (untouched).
+
+The smoke SAM's random decoder draws near-whole-image masks (logits ~0.03, every box the whole
+image), so NMS leaves one mask per image and crops, edges and cleanup go untested. Most tests
+therefore use ``local_sam``: the smoke SAM (its encoder, prompt encoder and token embeddings)
+whose decoder's inner modules are replaced by analytic ones that draw a disc around each point
+prompt, cut by the image's encoder features. Reference and engine call the same modules, so
+both must agree; the unmodified smoke SAM and a Semantic-SAM are tested as well.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import build_all_layer_point_grids
+from torch import nn
+
+from ssam.model.amg import (
+    AmgSettings,
+    MaskEngine,
+    decode_coco_rles,
+    decode_prompts,
+    masks_to_coco_rles,
+    rle_runs,
+    take_runs,
+)
+from ssam.model.sam import build_sam
+from ssam.model.semantic_sam import build_semantic_sam
+
+_FREQ = 0.2  # prompt PE frequency small enough that atan2 recovers the point from its token
+_SHARP, _CUT = 2000.0, 300.0  # logit slope of the disc; weight of the feature difference
+_RADII = (0.12, 0.05, 0.1, 0.2)  # disc radius per output, in the padded input square (0..1)
+
+
+def _feature_bhw(src_bchw, direction):
+    return torch.einsum("bchw,c->bhw", src_bchw, direction)
+
+
+class _PointTransformer(nn.Module):
+    """Stands in for the two-way transformer: output tokens carry the point (x, y) and its feature."""
+
+    def __init__(self, direction):
+        super().__init__()
+        self.register_buffer("direction", direction)
+
+    def forward(self, image_embedding, image_pe, point_embedding):
+        half = image_embedding.shape[1] // 2
+        tok = point_embedding[:, 5]  # after the IoU token and four mask tokens: the point, PE only
+        xy = (torch.atan2(tok[:, :2], tok[:, half : half + 2]) / (2 * math.pi * _FREQ) + 1) / 2
+        feat = _feature_bhw(image_embedding, self.direction)[:, None]
+        at_point = F.grid_sample(feat, (2 * xy - 1)[:, None, None], align_corners=False)[:, 0, 0, 0]
+        hs = torch.zeros_like(point_embedding)
+        hs[:, :5, :2], hs[:, :5, 2] = xy[:, None], at_point[:, None]
+        return hs, image_embedding.flatten(2).transpose(1, 2).contiguous()
+
+
+class _Basis(nn.Module):
+    """Stands in for output upscaling: per low-res pixel [1, x, y, x^2+y^2, f^2, f]."""
+
+    def __init__(self, direction):
+        super().__init__()
+        self.register_buffer("direction", direction)
+
+    def forward(self, src):
+        _, _, h, w = src.shape
+        f = F.interpolate(_feature_bhw(src, self.direction)[:, None], scale_factor=4, mode="bilinear")[:, 0]
+        ys, xs = ((torch.arange(4 * n, device=src.device) + 0.5) / (4 * n) for n in (h, w))
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        pos = torch.stack([torch.ones_like(x), x, y, x * x + y * y])[None].expand(len(src), -1, -1, -1)
+        return torch.cat([pos, (f * f)[:, None], f[:, None]], 1)
+
+
+class _Disc(nn.Module):
+    """Stands in for a hypernetwork MLP: logit = s (r^2 - |x - p|^2) - c (f - f_p)^2 on the basis."""
+
+    def __init__(self, radius):
+        super().__init__()
+        self.radius = radius
+
+    def forward(self, tok):
+        px, py, fp = tok[:, 0], tok[:, 1], tok[:, 2]
+        s, c, one = _SHARP, _CUT, torch.ones_like(px)
+        const = s * self.radius**2 - s * (px * px + py * py) - c * fp * fp
+        return torch.stack([const, 2 * s * px, 2 * s * py, -s * one, -c * one, 2 * c * fp], 1)
+
+
+class _Iou(nn.Module):
+    """Stands in for the IoU head: a deterministic value in [0.05, 0.95] per point and output."""
+
+    def forward(self, tok):
+        return 0.5 + 0.45 * torch.sin(
+            40 * tok[:, :1] + 70 * tok[:, 1:2] + 1.3 * torch.arange(4, device=tok.device)
+        )
+
+
+def local_sam():
+    sam = build_sam("smoke", seed=0)
+    c = sam.prompt_encoder.embed_dim
+    with torch.no_grad():
+        sam.prompt_encoder.point_embeddings[1].weight.zero_()
+        freq = torch.zeros(2, c // 2)
+        freq[0, 0] = freq[1, 1] = _FREQ
+        sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.copy_(freq)
+    direction = F.normalize(torch.randn(c, generator=torch.Generator().manual_seed(1)), dim=0)
+    dec = sam.mask_decoder
+    dec.transformer, dec.output_upscaling = _PointTransformer(direction), _Basis(direction)
+    dec.output_hypernetworks_mlps = nn.ModuleList(_Disc(r) for r in _RADII)
+    dec.iou_prediction_head = _Iou()
+    return sam.eval()
+
+
+def photo(name, side=256):
+    im = getattr(skimage.data, name)()
+    h, w = im.shape[:2]
+    return np.asarray(Image.fromarray(im).resize((round(w * side / max(h, w)), round(h * side / max(h, w)))))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [photo("astronaut"), photo("coffee"), photo("chelsea")]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return local_sam()
+
+
+LOCAL = dict(points_per_side=12, pred_iou_thresh=0.5, stability_score_thresh=0.8)
+
+
+FIELDS = {"segmentation", "bbox", "area", "predicted_iou", "stability_score", "point_coords", "crop_box"}
+
+
+def share_matched(a, b, thresh=0.9):
+    """Share of records ``a`` whose mask has IoU >= thresh with some mask of ``b``."""
+    if not a or not b:
+        return float(not a and not b)
+    iou = mask_utils.iou([r["segmentation"] for r in a], [r["segmentation"] for r in b], [0] * len(b))
+    return float((np.asarray(iou).max(1) >= thresh).mean())
+
+
+def mask_iou(a, b):
+    return float(mask_utils.iou([a], [b], [0])[0, 0])
+
+
+def assert_equivalent(ref, out, min_share=0.95):
+    assert abs(len(ref) - len(out)) <= max(1, 0.02 * len(ref)), (len(ref), len(out))
+    assert share_matched(ref, out) >= min_share and share_matched(out, ref) >= min_share
+    for r in out:
+        assert set(r) == FIELDS
+        assert r["area"] == mask_utils.area(r["segmentation"]) and r["area"] >= 0
+        assert np.allclose(r["bbox"], mask_utils.toBbox(r["segmentation"]) - [0, 0, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"min_mask_region_area": 60}, {"crop_n_layers": 1}],
+    ids=["plain", "small_regions", "crops"],
+)
+def test_matches_segment_anything_generator_on_photos(toy, photos, extra):
+    settings = {**LOCAL, **extra}
+    reference = SamAutomaticMaskGenerator(toy, output_mode="coco_rle", **settings)
+    # 100 prompts per decoder call: calls straddle images, and some crops' sub-batches lose every mask.
+    engine = MaskEngine(toy, AmgSettings(min_mask_area=0, max_masks=10_000, points_per_batch=100, **settings))
+    results = engine.generate(photos)
+    for im, res in zip(photos, results, strict=True):
+        ref = reference.generate(im)
+        assert len(ref) > 30, "the test needs masks to compare"
+        assert_equivalent(ref, res.records)
+        if "crop_n_layers" in extra:
+            assert len({tuple(r["crop_box"]) for r in res.records}) > 1
+        ious = [r["predicted_iou"] for r in res.records]
+        assert ious == sorted(ious, reverse=True)
+
+
+def test_matches_generator_with_the_unmodified_smoke_sam(photos):
+    """Random masks span the image: NMS off (1.0) keeps them all, each compared with its twin."""
+    sam = build_sam("smoke", seed=0)
+    settings = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.5)
+    settings.update(stability_score_offset=0.01, box_nms_thresh=1.0)
+    reference = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings)
+    engine = MaskEngine(sam, AmgSettings(min_mask_area=0, max_masks=10_000, **settings))
+    for im, res in zip(photos[:2], engine.generate(photos[:2]), strict=True):
+        ref = reference.generate(im)
+        assert len(ref) > 20
+        assert_equivalent(ref, res.records)
+
+        def key(r):
+            return (*np.round(r["point_coords"][0], 3), round(r["predicted_iou"], 5))
+
+        twins = {key(r): r["segmentation"] for r in ref}
+        same = [key(r) in twins and mask_iou(r["segmentation"], twins[key(r)]) >= 0.99 for r in res.records]
+        assert np.mean(same) >= 0.98
+
+
+def test_several_images_in_one_call_equal_one_at_a_time(toy, photos):
+    # 144 points per image, 100 per decoder call: calls straddle images.
+    engine = MaskEngine(toy, AmgSettings(points_per_batch=100, **LOCAL))
+    together = engine.generate(photos)
+    for im, res in zip(photos, together, strict=True):
+        (alone,) = MaskEngine(toy, AmgSettings(**LOCAL)).generate([im])
+        assert len(res.records) == len(alone.records) > 0
+        assert share_matched(res.records, alone.records, 0.99) == 1.0
+        a = [(r["predicted_iou"], r["point_coords"]) for r in res.records]
+        assert a == [(r["predicted_iou"], r["point_coords"]) for r in alone.records]
+
+
+def test_precomputed_features_and_returned_masks(toy, photos):
+    engine = MaskEngine(toy, AmgSettings(max_masks=5, **LOCAL))
+    feats = engine.encode(photos[:2])
+    assert feats[0].shape == (1, 32, 16, 16)
+    given = engine.generate(photos[:2], features=feats, return_masks=True)
+    own = engine.generate(photos[:2])
+    for im, g, o in zip(photos[:2], given, own, strict=True):
+        assert g.records == o.records and len(g.records) == 5 and g.semantic is None
+        assert g.masks.shape == (5, *im.shape[:2]) and g.masks.dtype == bool
+        assert [int(m.sum()) for m in g.masks] == [r["area"] for r in g.records]
+        assert np.array_equal(
+            g.masks, decode_coco_rles([r["segmentation"] for r in g.records], *im.shape[:2])
+        )
+
+
+def test_flat_gray_image_gives_no_empty_or_degenerate_mask():
+    sam = build_sam("smoke", seed=0)
+    gray = np.full((200, 300, 3), 128, np.uint8)
+    settings = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    reference = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings).generate(gray)
+    (keep_all,) = MaskEngine(sam, AmgSettings(min_mask_area=0, **settings)).generate([gray])
+    assert any(r["area"] == 0 for r in reference), "the test needs the empty masks the generator keeps"
+    assert len(reference) < 256
+    assert sorted(r["area"] for r in keep_all.records) == sorted(r["area"] for r in reference)
+    (res,) = MaskEngine(sam, AmgSettings(**settings)).generate([gray])
+    assert all(r["area"] >= 16 and r["bbox"] != [0.0, 0.0, 0.0, 0.0] for r in res.records)
+    assert len(res.records) == sum(r["area"] >= 16 for r in reference)
+
+
+def test_device_rle_equals_pycocotools():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(7, 13, 9, generator=g) > 0.5
+    masks[0] = False  # empty
+    masks[1] = True  # full
+    masks[2] = False
+    masks[2, 0, 0] = masks[2, -1, -1] = True  # first and last pixel
+    masks[3] = False
+    masks[3, 2:9, 3:7] = True  # a rectangle: runs down its columns
+    expected = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    got = masks_to_coco_rles(masks)
+    assert got == [{"size": [13, 9], "counts": e["counts"].decode()} for e in expected]
+    assert np.array_equal(decode_coco_rles(got, 13, 9), masks.numpy())
+    runs, lengths = rle_runs(masks)
+    assert lengths.tolist()[:2] == [1, 2] and runs[:3].tolist() == [117, 0, 117]
+    sub_runs, sub_lengths = take_runs(runs, lengths, torch.tensor([5, 2]))
+    direct_runs, direct_lengths = rle_runs(masks[[5, 2]])
+    assert torch.equal(sub_runs, direct_runs) and torch.equal(sub_lengths, direct_lengths)
+    assert masks_to_coco_rles(masks[:0]) == []
+
+
+def test_decode_prompts_with_per_prompt_embeddings_matches_the_mask_decoder(photos):
+    sam = build_sam("smoke", seed=0)
+    engine = MaskEngine(sam)
+    feats = torch.cat(engine.encode(photos[:2]))
+    coords = torch.tensor([[[30.0, 40.0]], [[200.0, 100.0]], [[5.0, 250.0]]])
+    labels = torch.ones(3, 1, dtype=torch.int)
+    image_of_prompt = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        masks, iou, sem, score = decode_prompts(sam, feats[image_of_prompt], coords, labels)
+        for p, i in enumerate(image_of_prompt.tolist()):
+            sparse, dense = sam.prompt_encoder(
+                points=(coords[p : p + 1], labels[p : p + 1]), boxes=None, masks=None
+            )
+            m, q = sam.mask_decoder.predict_masks(
+                feats[i : i + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense
+            )
+            torch.testing.assert_close(masks[p : p + 1], m, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(iou[p : p + 1], q, rtol=1e-4, atol=1e-5)
+    assert masks.shape == (3, 4, 64, 64) and sem is None and score is None
+
+
+def test_semantic_sam_extras_are_aligned_with_records(photos):
+    model = build_semantic_sam("smoke", clip_dim=24, seed=0).eval()
+    settings = AmgSettings(
+        points_per_side=6,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.3,
+        stability_score_offset=0.01,
+        box_nms_thresh=1.0,
+        max_masks=12,
+    )
+    engine = MaskEngine(model, settings)
+    (res,) = engine.generate(photos[:1], return_masks=True)
+    n = len(res.records)
+    assert n == 12 and res.semantic.shape == (n, 24) and res.score.shape == (n,) and res.masks.shape[0] == n
+    np.testing.assert_allclose(np.linalg.norm(res.semantic, axis=1), 1, rtol=1e-5)
+    feats = engine.encode(photos[:1])[0]
+    h, w = photos[0].shape[:2]
+    for r, sem, score in zip(res.records, res.semantic, res.score, strict=True):
+        point = torch.as_tensor(engine.transform.apply_coords(np.array(r["point_coords"]), (h, w)))[None]
+        with torch.no_grad():
+            _, iou, all_sem, all_score = decode_prompts(
+                model, feats, point, torch.ones(1, 1, dtype=torch.int)
+            )
+        out = int(torch.argmin((iou[0, 1:] - r["predicted_iou"]).abs())) + 1
+        assert abs(float(iou[0, out]) - r["predicted_iou"]) < 1e-5
+        np.testing.assert_allclose(sem, all_sem[0, out].numpy(), rtol=1e-4, atol=1e-5)
+        assert abs(score - float(all_score[0, out])) < 1e-5
+    (empty,) = MaskEngine(model, AmgSettings(points_per_side=2)).generate([np.zeros((40, 50, 3), np.uint8)])
+    assert empty.records == [] and empty.semantic.shape == (0, 24) and empty.score.shape == (0,)
+
+
+def test_an_image_that_runs_out_of_memory_alone_is_reported(toy, photos):
+    class Poisoned(MaskEngine):
+        def _generate_group(self, images, features, return_masks):
+            if any(im.shape[0] == 7 for im in images):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super()._generate_group(images, features, return_masks)
+
+    images = [photos[0], np.zeros((7, 9, 3), np.uint8), photos[1]]
+    res = Poisoned(toy, AmgSettings(**LOCAL)).generate(images)
+    assert [r.failure for r in res] == [None, "gpu_oom", None]
+    assert res[1].records == [] and len(res[0].records) > 0 and len(res[2].records) > 0
+
+
+def test_settings_defaults_and_point_grids(toy, photos):
+    s = AmgSettings()
+    assert (s.points_per_side, s.points_per_batch, s.pred_iou_thresh, s.stability_score_thresh) == (
+        32,
+        64,
+        0.88,
+        0.95,
+    )
+    assert (s.stability_score_offset, s.box_nms_thresh, s.crop_n_layers, s.crop_nms_thresh) == (
+        1.0,
+        0.7,
+        0,
+        0.7,
+    )
+    assert (s.crop_overlap_ratio, s.crop_n_points_downscale_factor, s.min_mask_region_area) == (
+        512 / 1500,
+        1,
+        0,
+    )
+    assert (s.min_mask_area, s.max_masks) == (16, 256)
+    assert AmgSettings(max_masks=5) == AmgSettings(max_masks=5) != AmgSettings()
+    with pytest.raises(ValueError, match="exactly one"):
+        AmgSettings(point_grids=[np.zeros((1, 2))])
+    with pytest.raises(ValueError, match="needs 2 grids"):
+        AmgSettings(points_per_side=None, point_grids=[np.zeros((1, 2))], crop_n_layers=1)
+    grids = build_all_layer_point_grids(12, 0, 1)
+    explicit = {k: v for k, v in LOCAL.items() if k != "points_per_side"}
+    settings = AmgSettings(points_per_side=None, point_grids=grids, **explicit)
+    assert settings == AmgSettings(points_per_side=None, point_grids=[g.copy() for g in grids], **explicit)
+    a = MaskEngine(toy, settings).generate(photos[:1])
+    assert a[0].records == MaskEngine(toy, AmgSettings(**LOCAL)).generate(photos[:1])[0].records

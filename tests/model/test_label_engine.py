@@ -1,0 +1,373 @@
+"""The batched label engine against the reference crop path (PIL crop + open_clip preprocess).
+
+Tolerances, measured with the smoke CLIP (S = 64) on the photos and masks below, each bound about
+1.5x the worst measured value:
+
+- per-crop mean |device crop - reference crop| in 0..255 grey levels, worst (mean over the 24
+  crops): "none" 2.1 (1.2), "dim" 4.0 (1.9), "blur" 7.3 (2.5). "none" is the resampling kernel
+  alone: roi_align's bilinear bin average vs PIL's antialiased bicubic, whose negative lobes keep
+  edges sharper. "dim" adds the mask resampled apart from the image (``compose_crops``; measured
+  against resampling the full-size composite: worst 2.4). "blur" adds the whole-image blur where
+  PIL blurs the crop alone with its edge pixels repeated: the worst crops are those smaller than
+  the blur kernel (sigma 8 px; a 14x10 px crop, a 10 px high bar), where PIL's blur is nearly the
+  crop's mean colour; with the reference blurring the whole image instead, "blur" is at 4.0 too.
+  The geometry itself is exact: on a linear ramp, which both kernels reproduce, the two agree to
+  the uint8 rounding (``test_center_square_is_the_region_the_reference_shows``).
+- embeddings of the smoke CLIP: cosine >= 0.99 asked; worst measured 0.99998 / 0.9998 / 0.996.
+  That holds for these masks, not for every set: with 58 masks per photo, many ~10 px wide, "blur"
+  went down to 0.988 (smoke CLIP) for the reason above; "dim" stayed >= 0.998.
+- labels: the random smoke CLIP gives every crop the same text argmax, which tests nothing, so the
+  scores are taken on embeddings centred on the reference mean (5-6 distinct labels then). The
+  labels agree on >= 22 of 24 crops; the few flips are near-ties, reference margin <= 0.0008.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from skimage import data
+from torchvision.transforms import CenterCrop, Compose, Normalize, Resize
+from torchvision.transforms import functional as TF
+
+from ssam.model import label_engine as le
+from ssam.model.clip import SMOKE_CLIP, encode_texts, load_clip
+from ssam.stages.labels import crop_with_background
+
+PADDING, DIM, BLUR = 0.1, 0.3, 8.0
+MAE_BOUND = {"none": 3.5, "dim": 6.0, "blur": 11.0}  # grey levels, see the module docstring
+LABELS = ["person", "cat", "cup", "coffee", "table", "rocket", "flower", "sky", "dog", "car", "tree", "face"]
+
+
+def to_ann(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    bbox = [float(v) for v in mask_utils.toBbox(rle)]
+    return {
+        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
+        "bbox": bbox,
+    }
+
+
+def photo_masks(image: np.ndarray) -> list[np.ndarray]:
+    """A handful of regions: thresholded channels, a dark area, rectangles, ellipses, thin bars."""
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    gray = image.mean(-1)
+    return [
+        image[..., 0] > 150,  # bright red: scattered, box ~ the whole image
+        image[..., 2] > 120,
+        (gray < 80) & (xx < w / 2),  # dark, left half
+        (xx > 0.2 * w) & (xx < 0.45 * w) & (yy > 0.3 * h) & (yy < 0.9 * h),  # tall rectangle
+        ((xx - 0.6 * w) / (0.15 * w)) ** 2 + ((yy - 0.4 * h) / (0.25 * h)) ** 2 < 1,  # ellipse
+        ((xx - 0.7 * w) / 6) ** 2 + ((yy - 0.7 * h) / 4) ** 2 < 1,  # 12x8 px: enlarged, not shrunk
+        (yy > 0.5 * h) & (yy < 0.5 * h + 10) & (xx > 20),  # wide bar reaching the right border
+        (gray > 100) & (((xx - 0.35 * w) / (0.2 * w)) ** 2 + ((yy - 0.35 * h) / (0.1 * h)) ** 2 < 1),
+    ]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip(SMOKE_CLIP, None, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    images = [data.astronaut(), data.coffee(), data.chelsea()]
+    return images, [[to_ann(m) for m in photo_masks(im) if m.any()] for im in images]
+
+
+def reference_crops(clip, image, anns, background) -> torch.Tensor:
+    """``[M, 3, S, S]``: the reference path, crop by crop (stages/labels.py + open_clip preprocess)."""
+    out = []
+    for ann in anns:
+        seg = ann["segmentation"]
+        mask = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+        crop = crop_with_background(image, mask, ann["bbox"], PADDING, background, DIM, BLUR)
+        out.append(clip.preprocess(crop))
+    return torch.stack(out)
+
+
+def grey_levels(clip, normalised: torch.Tensor) -> torch.Tensor:
+    """Undo CLIP's normalisation: ``[M, 3, S, S]`` back to 0..255."""
+    spec = le.crop_spec(clip)
+    return (
+        normalised * torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+        + torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+    )
+
+
+def device_crops(clip, image, anns, background, spec=None) -> torch.Tensor:
+    return le.image_mask_crops(
+        image,
+        anns,
+        spec or le.crop_spec(clip),
+        torch.device("cpu"),
+        padding=PADDING,
+        background=background,
+        dim=DIM,
+        blur_radius=BLUR,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_crop_spec_reads_the_bundle_transform(clip):
+    spec = le.crop_spec(clip)
+    assert (spec.size, spec.resize_mode) == (64, "shortest")
+    assert spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert spec.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
+    norm = Normalize((0.5,) * 3, (0.5,) * 3)
+    squash = type(clip)(clip.model, Compose([Resize((64, 64)), norm]), clip.tokenizer, 32, 64)
+    assert le.crop_spec(squash).resize_mode == "squash"
+    with pytest.raises(ValueError):  # open_clip's "longest" pads: not reproducible by a box
+        le.crop_spec(type(clip)(clip.model, Compose([CenterCrop(64), norm]), clip.tokenizer, 32, 64))
+
+
+def test_crop_boxes_follow_the_reference_and_stay_inside():
+    boxes = le.crop_boxes_xyxy(
+        torch.tensor(
+            [[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 0.0, 0.0], [99.0, 49.0, 1.0, 1.0], [120.0, 60.0, 5.0, 5.0]]
+        ),
+        0.1,
+        50,
+        100,
+    )
+    assert boxes.tolist() == [[7, 16, 43, 50], [0, 0, 1, 1], [98, 48, 100, 50], [99, 49, 100, 50]]
+
+
+@pytest.mark.parametrize("cw, ch", [(37, 120), (120, 37), (64, 64), (3, 700), (700, 3), (101, 100), (13, 9)])
+def test_center_square_is_the_region_the_reference_shows(clip, cw, ch):
+    """On a linear ramp both kernels give the ramp's value at the output pixel's source point, so
+    any offset or scale error of the geometry shows and kernel differences do not -- except near
+    the crop's edges, where PIL renormalises its cut kernel and roi_align reads half a pixel past
+    the box; those output pixels are left out, per axis."""
+    h, w, x0, y0 = 760, 760, 17, 29  # the crop box is [x0, x0 + cw) x [y0, y0 + ch)
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    # channel 0 ramps along x, channel 1 along y: as steep as uint8 allows over the crop
+    ramp = np.stack([(xx - x0) * 250 / cw, (yy - y0) * 250 / ch, np.full_like(xx, 128)], -1)
+    image = np.clip(np.round(ramp), 0, 255).astype(np.uint8)
+    bbox = [float(x0), float(y0), float(cw), float(ch)]
+    crop = crop_with_background(image, np.ones((h, w), bool), bbox, 0.0, "none", DIM, BLUR)
+    ref = grey_levels(clip, clip.preprocess(crop)[None])
+    s = le.crop_spec(clip).size
+    roi = le.center_square(le.crop_boxes_xyxy(torch.tensor([bbox]), 0.0, h, w), s)[0]
+    ours = le.roi_resample(torch.from_numpy(image).permute(2, 0, 1)[None].float(), roi[None].float(), s)
+
+    def inner(lo, hi, start, size):  # output pixels whose source point is clear of the crop's edges
+        step = (hi - lo) / s
+        src = (lo - start) + (torch.arange(s, dtype=torch.float64) + 0.5) * step
+        margin = max(2.0, 2.0 * step) + 1.0  # PIL's bicubic support: 2 px, or 2 px of output when shrinking
+        return (src >= margin) & (src <= size - margin)
+
+    in_x, in_y = inner(roi[0], roi[2], x0, cw), inner(roi[1], roi[3], y0, ch)
+    assert in_x.any() or in_y.any()
+    for diff in [(ours - ref)[0, 0][:, in_x], (ours - ref)[0, 1][in_y, :]]:
+        if diff.numel():
+            # the ramp's uint8 rounding (0.5) and the reference's output rounding (0.5)
+            assert diff.abs().max() <= 1.05 and abs(float(diff.mean())) < 0.3, diff
+
+
+def test_separable_blur_is_torchvisions_gaussian_blur():
+    img = torch.rand(3, 60, 70) * 255
+    sigma = 2.5
+    k = 2 * int(np.ceil(3 * sigma)) + 1
+    ref = TF.gaussian_blur(img, [k, k], [sigma, sigma])
+    ours = le.gaussian_blur_separable(img, sigma)
+    r = k // 2  # the borders differ by design (edge pixels repeated as PIL does, not reflected)
+    torch.testing.assert_close(ours[:, r:-r, r:-r], ref[:, r:-r, r:-r], atol=1e-3, rtol=1e-5)
+    assert le.gaussian_blur_separable(torch.rand(3, 4, 5), 8.0).shape == (3, 4, 5)  # smaller than the kernel
+
+
+def test_rebatch_cuts_fixed_batches_across_chunks():
+    chunks = [torch.arange(3), torch.arange(0), torch.arange(10, 15), torch.arange(20, 22)]
+    batches = list(le.rebatch(iter(chunks), 4))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat(batches), torch.cat(chunks))
+
+
+def test_rle_to_masks_decodes_in_order():
+    masks = np.zeros((3, 5, 7), np.uint8)
+    masks[0, 1, 2] = masks[1, :, 6] = masks[2, 2:4, :] = 1
+    out = le.rle_to_masks([to_ann(m)["segmentation"] for m in masks], 5, 7)
+    assert out.shape == (3, 5, 7) and out.transpose(0, 2, 1).flags.c_contiguous
+    np.testing.assert_array_equal(out, masks)
+    rois = torch.tensor([[1.0, 0.0, 4.0, 5.0], [0.5, 0.5, 7.0, 3.5], [2.0, 1.0, 7.0, 4.0]])
+    swapped = le.resample_masks(torch.from_numpy(out), rois, 8)  # the x/y-swapped path
+    plain = le.resample_masks(torch.from_numpy(np.ascontiguousarray(out)), rois, 8)
+    torch.testing.assert_close(swapped, plain, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        le.rle_to_masks([to_ann(masks[0])["segmentation"]], 7, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the reference path, on photos
+
+
+@pytest.mark.parametrize("background", ["none", "dim", "blur"])
+def test_device_crops_and_embeddings_match_the_reference(clip, photos, background):
+    images, annotations = photos
+    ref_emb, maes = [], []
+    for image, anns in zip(images, annotations, strict=True):
+        ref = reference_crops(clip, image, anns, background)
+        ours = device_crops(clip, image, anns, background)
+        assert ours.shape == ref.shape
+        maes.append((grey_levels(clip, ours) - grey_levels(clip, ref)).abs().mean((1, 2, 3)))
+        ref_emb.append(le.encode_crops(clip, ref).numpy())
+    maes = torch.cat(maes)
+    assert maes.max() <= MAE_BOUND[background], maes
+    ours_emb = le.embed_mask_crops(
+        clip,
+        images,
+        annotations,
+        padding=PADDING,
+        background=background,
+        dim=DIM,
+        blur_radius=BLUR,
+        batch_size=7,
+    )
+    cos = np.concatenate([(a * b).sum(1) for a, b in zip(ours_emb, ref_emb, strict=True)])
+    assert cos.min() >= 0.99, cos
+    # labels: argmax over text embeddings of embeddings centred on the reference mean (see the docstring)
+    ours_all, ref_all = np.concatenate(ours_emb), np.concatenate(ref_emb)
+    text = encode_texts(clip, LABELS)
+    centre = ref_all.mean(0)
+    ours_scores, ref_scores = (ours_all - centre) @ text.T, (ref_all - centre) @ text.T
+    ref_labels, ours_labels = ref_scores.argmax(1), ours_scores.argmax(1)
+    assert len(set(ref_labels.tolist())) >= 3  # not one label for everything
+    top2 = np.sort(ref_scores, 1)[:, -2:]
+    flips = ref_labels != ours_labels
+    assert flips.mean() <= 0.1 and (top2[flips, 1] - top2[flips, 0]).max(initial=0) < 0.005
+
+
+def test_separate_mask_resampling_is_close_to_resampling_the_full_composite(clip, photos):
+    """What ``compose_crops`` trades for not building one full-size composite per mask."""
+    images, annotations = photos
+    spec = le.crop_spec(clip)
+    worst = 0.0
+    for image, anns in zip(images, annotations, strict=True):
+        h, w = image.shape[:2]
+        img = torch.from_numpy(image).permute(2, 0, 1).float()
+        masks = torch.from_numpy(le.rle_to_masks([a["segmentation"] for a in anns], h, w)).float()
+        bbox = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
+        rois = le.center_square(le.crop_boxes_xyxy(bbox, PADDING, h, w), spec.size).float()
+        full = img[None] * (DIM + (1 - DIM) * masks[:, None])  # [M, 3, H, W], what the engine avoids
+        exact = le.roi_resample(full, rois, spec.size, torch.arange(len(anns)))
+        ours = le.compose_crops(
+            le.roi_resample(img[None], rois, spec.size),
+            le.roi_resample(masks[:, None], rois, spec.size, torch.arange(len(anns))),
+            "dim",
+            DIM,
+        )
+        worst = max(worst, float((ours - exact).abs().mean((1, 2, 3)).max()))
+    assert worst < 3.5, worst  # grey levels; measured 2.4 (scattered masks: most bins on an edge)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and edge cases
+
+
+def test_several_images_in_one_call_equal_one_at_a_time(clip, photos):
+    images, annotations = photos
+    kw = dict(padding=PADDING, background="blur", dim=DIM, blur_radius=BLUR)
+    together = le.embed_mask_crops(clip, images, annotations, batch_size=5, **kw)  # batches straddle images
+    for image, anns, emb in zip(images, annotations, together, strict=True):
+        alone = le.embed_mask_crops(clip, [image], [anns], batch_size=64, **kw)[0]
+        assert emb.shape == (len(anns), clip.embed_dim) and emb.dtype == np.float32
+        np.testing.assert_allclose(emb, alone, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("background", ["none", "dim", "blur"])
+def test_degenerate_boxes_give_finite_embeddings(clip, background):
+    image = data.coffee()[:37, :53].copy()
+    h, w = image.shape[:2]
+
+    def pixel(y, x):
+        m = np.zeros((h, w), bool)
+        m[y, x] = True
+        return m
+
+    anns = [
+        to_ann(pixel(0, 0)),
+        to_ann(pixel(h - 1, w - 1)),
+        to_ann(pixel(5, w - 1)),
+        to_ann(np.ones((h, w), bool)),
+    ]
+    column = np.zeros((h, w), bool)
+    column[3:20, 7] = True
+    anns.append({**to_ann(column), "bbox": [7.0, 3.0, 0.0, 17.0]})  # zero width
+    anns.append({**to_ann(pixel(h - 1, w - 1)), "bbox": [float(w), float(h), 0.0, 0.0]})  # past the border
+    anns.append({**to_ann(np.zeros((h, w), bool)), "bbox": [0.0, 0.0, 0.0, 0.0]})  # empty mask
+    out = le.embed_mask_crops(
+        clip,
+        [image, data.chelsea()],
+        [anns, []],
+        padding=PADDING,
+        background=background,
+        dim=DIM,
+        blur_radius=BLUR,
+        batch_size=4,
+    )
+    assert out[0].shape == (len(anns), clip.embed_dim) and out[1].shape == (0, clip.embed_dim)
+    assert np.isfinite(out[0]).all()
+    np.testing.assert_allclose(np.linalg.norm(out[0], axis=1), 1.0, atol=1e-5)
+    # where the reference can cut them (not past the border), the crops still agree with it
+    ours, ref = (
+        device_crops(clip, image, anns[:5], background),
+        reference_crops(clip, image, anns[:5], background),
+    )
+    assert (grey_levels(clip, ours) - grey_levels(clip, ref)).abs().mean((1, 2, 3)).max() <= MAE_BOUND[
+        background
+    ]
+
+
+def test_no_images_and_bad_arguments(clip):
+    assert (
+        le.embed_mask_crops(
+            clip, [], [], padding=0.1, background="dim", dim=0.3, blur_radius=8.0, batch_size=8
+        )
+        == []
+    )
+    with pytest.raises(ValueError):
+        le.embed_mask_crops(
+            clip,
+            [data.coffee()],
+            [[]],
+            padding=0.1,
+            background="grey",
+            dim=0.3,
+            blur_radius=8.0,
+            batch_size=8,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Text embedding cache
+
+
+def test_text_cache_computes_each_label_once(clip, monkeypatch, tmp_path):
+    calls: list[list[str]] = []
+
+    def counting(bundle, labels, templates):
+        calls.append(list(labels))
+        return encode_texts(bundle, labels, templates)
+
+    monkeypatch.setattr(le, "encode_texts", counting)
+    cache = le.TextEmbeddingCache(clip, None, path=tmp_path / "text.pt")
+    first = cache.get(["cat", "dog", "cat"])
+    second = cache.get(["dog", "bird", "cat"])
+    assert calls == [["cat", "dog"], ["bird"]]
+    assert first.shape == (3, clip.embed_dim) and first.dtype == np.float32
+    np.testing.assert_array_equal(first[0], first[2])
+    np.testing.assert_array_equal(second[[0, 2]], first[[1, 0]])
+    np.testing.assert_allclose(second, encode_texts(clip, ["dog", "bird", "cat"]), atol=1e-6)
+    assert cache.get([]).shape == (0, clip.embed_dim) and len(calls) == 2
+    cache.save()
+    again = le.TextEmbeddingCache(clip, None, path=tmp_path / "text.pt")
+    np.testing.assert_array_equal(again.get(["dog", "bird", "cat"]), second)
+    assert len(calls) == 2 and len(again) == 3 and "bird" in again
+    custom = le.TextEmbeddingCache(clip, ["a {} here."])
+    np.testing.assert_allclose(custom.get(["cat"]), encode_texts(clip, ["cat"], ["a {} here."]), atol=1e-6)

@@ -1,0 +1,176 @@
+"""The masks and labels stages with either engine: selection, equivalence, empty masks, GPU OOM."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import imagefiles
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from ssam.pipeline.config import load_config
+from ssam.stages.labels import LabelStage
+from ssam.stages.masks import MaskStage
+
+
+def smoke(*overrides):
+    return load_config(REPO / "configs/pipeline/smoke.yaml", ["output.dir=/tmp/unused", *overrides])
+
+
+def rows(jpegs, candidates=("cat", "dog", "rocket", "coffee cup")):
+    n = len(jpegs)
+    cands = json.dumps([{"label": c, "source": "caption"} for c in candidates])
+    return {
+        "key": [f"{i:04d}" for i in range(n)],
+        "jpeg": list(jpegs),
+        "status": ["ok"] * n,
+        "fail_stage": [""] * n,
+        "fail_detail": [""] * n,
+        "candidates_json": [cands] * n,
+    }
+
+
+def photos():
+    from skimage import data
+
+    out = []
+    for img in (data.astronaut(), data.coffee(), data.chelsea()):
+        im = Image.fromarray(img)
+        im.thumbnail((320, 320))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def masks_of(anns_json):
+    return [
+        mask_utils.decode(a["segmentation"] | {"counts": a["segmentation"]["counts"].encode()})
+        for a in json.loads(anns_json)
+    ]
+
+
+def matched(a, b, thresh=0.9):
+    if not a:
+        return 1.0
+    if not b:
+        return 0.0
+    enc = (
+        [mask_utils.encode(np.asfortranarray(m)) for m in a],
+        [mask_utils.encode(np.asfortranarray(m)) for m in b],
+    )
+    return float((np.asarray(mask_utils.iou(*enc, [0] * len(b))).max(1) >= thresh).mean())
+
+
+def test_the_shipped_default_is_the_batched_engine_and_both_are_selectable():
+    cfg = smoke()
+    assert cfg.masks.engine == "batched" and cfg.labels.engine == "batched"
+    ref = smoke("masks.engine=reference", "labels.engine=reference")
+    assert MaskStage(ref.masks, ref.seed).engine is None
+    assert MaskStage(cfg.masks, cfg.seed).engine is not None
+    with pytest.raises(ValueError, match="engine"):
+        smoke("masks.engine=fast")
+
+
+@pytest.fixture(scope="module")
+def both_outputs():
+    """Masks then labels of three real photos through each engine, the smoke models' defaults."""
+    out = {}
+    for engine in ("reference", "batched"):
+        cfg = smoke(f"masks.engine={engine}", f"labels.engine={engine}")
+        masked = MaskStage(cfg.masks, cfg.seed)(rows(photos()))
+        out[engine] = (masked, cfg)
+    return out
+
+
+def test_batched_masks_equal_the_reference_masks(both_outputs):
+    ref, bat = both_outputs["reference"][0], both_outputs["batched"][0]
+    assert ref["status"] == bat["status"] == ["ok"] * 3
+    for a, b in zip(ref["annotations_json"], bat["annotations_json"], strict=True):
+        ma, mb = masks_of(a), masks_of(b)
+        assert abs(len(ma) - len(mb)) <= max(1, len(ma) // 20)
+        assert matched(ma, mb) >= 0.95 and matched(mb, ma) >= 0.95
+
+
+def test_batched_labels_equal_the_reference_labels_on_the_same_masks(both_outputs):
+    masked, cfg = both_outputs["reference"]
+    labelled = {}
+    for engine in ("reference", "batched"):
+        section = cfg.labels.model_copy(
+            update={"engine": engine, "score_threshold": 0.0, "margin_threshold": 0.0}
+        )
+        labelled[engine] = LabelStage(section, cfg.seed)(dict(masked))
+    ref_l = [a["label"] for j in labelled["reference"]["annotations_json"] for a in json.loads(j)]
+    bat_l = [a["label"] for j in labelled["batched"]["annotations_json"] for a in json.loads(j)]
+    assert ref_l and np.mean([x == y for x, y in zip(ref_l, bat_l, strict=True)]) >= 0.95
+    for ea, eb in zip(labelled["reference"]["emb"], labelled["batched"]["emb"], strict=True):
+        a, b = np.load(io.BytesIO(ea)).astype(np.float32), np.load(io.BytesIO(eb)).astype(np.float32)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cos.min() >= 0.98
+
+
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_no_empty_or_degenerate_annotation_is_written(engine):
+    """A flat gray image: either no masks at all, or none smaller than masks.min_mask_area."""
+    cfg = smoke(f"masks.engine={engine}", "masks.pred_iou_thresh=0", "masks.stability_score_thresh=0")
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 150), (128, 128, 128)).save(buf, "JPEG")
+    out = MaskStage(cfg.masks, cfg.seed)(rows([buf.getvalue()]))
+    anns = json.loads(out["annotations_json"][0])
+    assert out["status"][0] in ("ok", "no_masks")
+    assert all(a["area"] >= cfg.masks.min_mask_area and a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in anns)
+    assert cfg.masks.min_mask_area > 0  # the shipped default drops degenerate masks
+
+
+def oom_when_more_than(limit, fn):
+    """Wrap a batch function to raise CUDA's out-of-memory error above ``limit`` items (a simulated GPU)."""
+
+    def wrapped(items, *args, **kwargs):
+        if len(items) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return fn(items, *args, **kwargs)
+
+    return wrapped
+
+
+def test_masks_oom_splits_the_batch_and_a_row_that_never_fits_fails_as_gpu_oom(monkeypatch):
+    cfg = smoke()
+    stage = MaskStage(cfg.masks, cfg.seed)
+    batch = rows([imagefiles.jpeg(s) for s in (200, 240, 260, 300)])
+    whole = stage(dict(batch))
+    monkeypatch.setattr(stage.engine, "_generate_group", oom_when_more_than(1, stage.engine._generate_group))
+    split = stage(dict(batch))
+    assert split["status"] == ["ok"] * 4
+    for a, b in zip(whole["annotations_json"], split["annotations_json"], strict=True):
+        # one image per encoder forward instead of four: float rounding may flip a marginal mask
+        assert matched(masks_of(a), masks_of(b)) >= 0.95 and matched(masks_of(b), masks_of(a)) >= 0.95
+    monkeypatch.setattr(stage.engine, "_generate_group", oom_when_more_than(0, stage.engine._generate_group))
+    failed = stage(dict(batch))
+    assert failed["status"] == ["gpu_oom"] * 4 and failed["fail_stage"] == ["masks"] * 4
+
+
+def test_labels_oom_splits_the_batch_and_a_row_that_never_fits_fails_as_gpu_oom(monkeypatch):
+    import ssam.model.label_engine as engine
+
+    cfg = smoke()
+    masked = MaskStage(cfg.masks, cfg.seed)(rows([imagefiles.jpeg(s) for s in (200, 260, 300)]))
+    stage = LabelStage(cfg.labels, cfg.seed)
+    whole = stage(dict(masked))
+    real = engine.embed_mask_crops
+
+    def limited(bundle, images, annotations, **kw):
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(bundle, images, annotations, **kw)
+
+    monkeypatch.setattr(engine, "embed_mask_crops", limited)
+    split = stage(dict(masked))
+    assert split["status"] == ["ok"] * 3 and split["annotations_json"] == whole["annotations_json"]
+    monkeypatch.setattr(engine, "embed_mask_crops", lambda *a, **kw: limited(None, [0, 0], []))
+    failed = stage(dict(masked))
+    assert failed["status"] == ["gpu_oom"] * 3 and failed["fail_stage"] == ["labels"] * 3
