@@ -23,6 +23,7 @@ weights. Runs without Ray and img2dataset (the GPU machine has neither)::
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import tarfile
@@ -126,9 +127,12 @@ def stage_pair(kind: str, cfg_section, seed: int, model, device: str, batched_up
             **((batched_update or {}) if engine == "batched" else {}),
         }
         section = cfg_section.model_copy(update=update)
-        out[engine] = (
-            MaskStage(section, seed, sam=model) if kind == "masks" else LabelStage(section, seed, clip=model)
-        )
+        if kind == "masks":
+            # the batched engine switches its model to SDPA attention on CUDA: give it its own copy
+            own = copy.deepcopy(model) if engine == "batched" and device.startswith("cuda") else model
+            out[engine] = MaskStage(section, seed, sam=own)
+        else:
+            out[engine] = LabelStage(section, seed, clip=model)
     return out
 
 

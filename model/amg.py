@@ -42,6 +42,8 @@ from torchvision.ops import batched_nms
 
 from ssam.oom import Failed, run_halving_on_oom
 
+from .sdpa import enable_sdpa
+
 
 @dataclass(frozen=True)
 class AmgSettings:
@@ -211,6 +213,8 @@ class MaskEngine:
             import cv2  # noqa: F401 -- remove_small_regions needs it: fail now, not after the model ran
         self.semantic = hasattr(model.mask_decoder, "predict_all")
         cuda = self.device.type == "cuda"
+        if cuda:  # fused attention kernels; this model instance only (see model/sdpa.py)
+            enable_sdpa(model)
         self.encoder = (
             torch.compile(model.image_encoder) if s.compile_encoder and cuda else model.image_encoder
         )

@@ -82,6 +82,10 @@ class RayConfig(Section):
     address: str | None = Field(
         None, description="Ray address (null: in-process, or the cluster under ray job submit)"
     )
+    fuse_gpu_stages: bool = Field(
+        False,
+        description="masks and labels in one actor on ray.masks' resources: masks never cross the object store",
+    )
     preserve_order: bool = Field(
         True, description="keep row order so shards complete in turn (bounds memory)"
     )

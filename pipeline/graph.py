@@ -15,6 +15,7 @@ from pathlib import Path
 from ssam.stages.candidates import CandidatesStage
 from ssam.stages.decode import DecodeStage
 from ssam.stages.download import read_downloaded_shard, read_shard_batch
+from ssam.stages.fused import MasksAndLabelsStage
 from ssam.stages.labels import LabelStage
 from ssam.stages.masks import MaskStage
 from ssam.stages.write import ShardAssembler
@@ -35,6 +36,18 @@ def stage_args(cfg: PipelineConfig, name: str) -> tuple:
     return (section,) if name == "decode" else (section, cfg.seed)
 
 
+def stage_plan(cfg: PipelineConfig) -> list[tuple[str, type, tuple]]:
+    """``(resources name, stage class, constructor args)`` in graph order.
+
+    With ``ray.fuse_gpu_stages`` masks and labels become one stage on ``ray.masks``' resources.
+    """
+    plan = [(name, cls, stage_args(cfg, name)) for name, cls in STAGES]
+    if cfg.ray.fuse_gpu_stages:
+        plan = [p for p in plan if p[0] not in ("masks", "labels")]
+        plan.append(("masks", MasksAndLabelsStage, (cfg.masks, cfg.labels, cfg.seed)))
+    return plan
+
+
 def _chunks(batch: dict[str, list], size: int):
     n = len(batch["key"]) if batch else 0
     for s in range(0, n, size):
@@ -48,7 +61,7 @@ def run_local(
     on_shard: Callable[[int], None] = lambda s: None,
 ) -> None:
     """Sequential executor: the same stage objects, in this process, one batch at a time."""
-    stages = [(cls(*stage_args(cfg, name)), getattr(cfg.ray, name).batch_size) for name, cls in STAGES]
+    stages = [(cls(*args), getattr(cfg.ray, name).batch_size) for name, cls, args in stage_plan(cfg)]
     for stem in shard_stems:
         for sid in assembler.add(_run_chain(stages, read_downloaded_shard(stem))):
             on_shard(sid)
@@ -84,11 +97,11 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
         [{"shard_stem": str(s)} for s in shard_stems], override_num_blocks=len(shard_stems)
     )
     ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="numpy", num_cpus=0.1)
-    for name, cls in STAGES:
+    for name, cls, args in stage_plan(cfg):
         r = getattr(cfg.ray, name)
         ds = ds.map_batches(
             cls,
-            fn_constructor_args=stage_args(cfg, name),
+            fn_constructor_args=args,
             batch_size=r.batch_size,
             batch_format="numpy",
             concurrency=(r.min_workers, r.max_workers),

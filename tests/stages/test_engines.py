@@ -174,3 +174,20 @@ def test_labels_oom_splits_the_batch_and_a_row_that_never_fits_fails_as_gpu_oom(
     monkeypatch.setattr(engine, "embed_mask_crops", lambda *a, **kw: limited(None, [0, 0], []))
     failed = stage(dict(masked))
     assert failed["status"] == ["gpu_oom"] * 3 and failed["fail_stage"] == ["labels"] * 3
+
+
+def test_fused_gpu_stages_give_the_same_rows_as_separate_stages():
+    from ssam.pipeline.graph import _run_chain, stage_plan
+    from ssam.stages.fused import MasksAndLabelsStage
+
+    cfg = smoke("ray.fuse_gpu_stages=true")
+    plan = stage_plan(cfg)
+    assert [p[0] for p in plan] == ["decode", "candidates", "masks"] and plan[-1][1] is MasksAndLabelsStage
+    assert [p[0] for p in stage_plan(smoke())] == ["decode", "candidates", "masks", "labels"]
+    batch = rows([imagefiles.jpeg(s) for s in (200, 260)])
+    fused = MasksAndLabelsStage(cfg.masks, cfg.labels, cfg.seed)
+    separate = [(MaskStage(cfg.masks, cfg.seed), 2), (LabelStage(cfg.labels, cfg.seed), 2)]
+    a, b = fused(dict(batch)), _run_chain(separate, dict(batch))
+    assert a["status"] == b["status"] == ["ok", "ok"]
+    assert a["annotations_json"] == b["annotations_json"] and a["emb"] == b["emb"]
+    assert "t_masks" in a and "t_labels" in a  # the run summary still sees both stages

@@ -1,0 +1,67 @@
+"""Scaled-dot-product attention for SAM's attention blocks (used on CUDA).
+
+segment-anything's attention layers form the full softmax(QK^T)V by hand. PyTorch's
+``F.scaled_dot_product_attention`` computes the same thing with fused kernels (flash or
+memory-efficient attention on CUDA), without materialising the attention matrix where it can.
+:func:`enable_sdpa` rebinds the ``forward`` of each attention module of one model instance (other
+instances, e.g. a reference model, keep segment-anything's own forward). Written here because
+segment-anything has no switch for it; the image encoder's decomposed relative-position term
+becomes SDPA's additive ``attn_mask``.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Attention as EncoderAttention
+from segment_anything.modeling.image_encoder import get_rel_pos
+from segment_anything.modeling.transformer import Attention as DecoderAttention
+
+
+def rel_pos_bias(q_bnlc: torch.Tensor, attn: EncoderAttention, h: int, w: int) -> torch.Tensor:
+    """The decomposed relative-position term of SAM's encoder as a ``[B*heads, h*w, h*w]`` bias.
+
+    Args:
+        q_bnlc: queries ``[B*heads, h*w, C]`` (unscaled, as segment-anything uses them).
+    """
+    rh, rw = get_rel_pos(h, h, attn.rel_pos_h), get_rel_pos(w, w, attn.rel_pos_w)
+    r_q = q_bnlc.reshape(-1, h, w, q_bnlc.shape[-1])
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+    return (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, h * w, h * w)
+
+
+def encoder_attention_forward(self: EncoderAttention, x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, H, W, C]`` -> ``[B, H, W, C]``, as segment-anything's, through SDPA."""
+    b, h, w, _ = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, heads, h*w, head_dim)
+    mask = None
+    if self.use_rel_pos:
+        flat_q = q.reshape(b * self.num_heads, h * w, -1)
+        mask = rel_pos_bias(flat_q, self, h, w).view(b, self.num_heads, h * w, h * w).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+    return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+def decoder_attention_forward(self: DecoderAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The two-way transformer's attention, ``[B, N, C]`` tokens, through SDPA."""
+    q = self._separate_heads(self.q_proj(q), self.num_heads)
+    k = self._separate_heads(self.k_proj(k), self.num_heads)
+    v = self._separate_heads(self.v_proj(v), self.num_heads)
+    return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+def enable_sdpa(model: torch.nn.Module) -> int:
+    """Route every SAM attention block of ``model`` through SDPA; returns how many were switched."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, EncoderAttention):
+            module.forward = types.MethodType(encoder_attention_forward, module)
+            n += 1
+        elif isinstance(module, DecoderAttention):
+            module.forward = types.MethodType(decoder_attention_forward, module)
+            n += 1
+    return n
