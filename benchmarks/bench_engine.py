@@ -7,7 +7,8 @@ For each setup (SAM size + CLIP model, random weights: timing only, never labels
    masks matched at IoU >= 0.9 by the batched output, and vice versa;
 2. labels stage: ``labels.engine=reference`` (per-mask PIL crops, CLIP image by image) vs
    ``batched`` (crops cut on the device, CLIP over several images' crops), on the same
-   annotations; s/image, ratio, label agreement and embedding cosine;
+   annotations (``--label-masks`` seeded ellipses per image); s/image, ratio, label agreement and
+   embedding cosine;
 3. the whole label path (batched masks + batched labels), images/s and peak GPU memory;
 4. with ``--pipeline N``: the pipeline's stages (decode, candidates without LLM, masks, labels,
    shard writing) over the bundled sample replicated to N images, images/s.
@@ -81,6 +82,35 @@ def rows_for(jpegs: list[bytes]) -> dict[str, list]:
     }
 
 
+def ellipse_annotations(jpeg: bytes, n: int, seed: int) -> str:
+    """``n`` seeded elliptical masks of assorted sizes over an image, as SA-1B annotations (JSON).
+
+    The labels stage is timed on these, so that its work does not depend on how many masks a
+    random-weight SAM happens to keep.
+    """
+    w, h = Image.open(io.BytesIO(jpeg)).size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    anns = []
+    for i in range(n):
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = rng.uniform(0.02, 0.3) * w, rng.uniform(0.02, 0.3) * h
+        m = (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1).astype(np.uint8)
+        if not m.any():
+            m[int(min(cy, h - 1)), int(min(cx, w - 1))] = 1
+        rle = mask_utils.encode(np.asfortranarray(m))
+        seg = {"size": [h, w], "counts": rle["counts"].decode()}
+        anns.append(
+            {
+                "id": i,
+                "segmentation": seg,
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "area": int(m.sum()),
+            }
+        )
+    return json.dumps(anns)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -145,8 +175,8 @@ def bench_setup(args, sam_size: str, clip_name: str) -> dict:
         REPO / "configs/pipeline/smoke.yaml",
         [
             "output.dir=/tmp/unused",
-            "masks.pred_iou_thresh=0",
-            "masks.stability_score_thresh=0",
+            f"masks.pred_iou_thresh={args.pred_iou}",
+            f"masks.stability_score_thresh={args.stability}",
             f"masks.max_masks_per_image={args.max_masks}",
             f"masks.points_per_side={args.points_per_side}",
             f"masks.points_per_batch={args.points_per_batch}",
@@ -201,7 +231,9 @@ def bench_setup(args, sam_size: str, clip_name: str) -> dict:
     )
 
     labels = stage_pair("labels", cfg.labels, cfg.seed, clip, args.device)
-    rows = dict(outs["reference"])
+    rows = rows_for(jpegs)
+    rows["annotations_json"] = [ellipse_annotations(j, args.label_masks, i) for i, j in enumerate(jpegs)]
+    res["label_masks_per_image"] = args.label_masks
     for st in labels.values():
         st({k: v[: args.batch] for k, v in rows.items()})
     louts = {}
@@ -216,6 +248,8 @@ def bench_setup(args, sam_size: str, clip_name: str) -> dict:
     )
     cos = []
     for ea, eb in zip(louts["reference"]["emb"], louts["batched"]["emb"], strict=True):
+        if not ea or not eb:
+            continue
         a, b = np.load(io.BytesIO(ea)).astype(np.float32), np.load(io.BytesIO(eb)).astype(np.float32)
         cos += list((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8))
     res["embedding_cosine_mean"] = float(np.mean(cos)) if cos else 1.0
@@ -321,8 +355,15 @@ def main() -> None:
         "--batched-points-per-batch", type=int, default=0, help="the batched engine's (0: the same)"
     )
     p.add_argument("--box-nms", type=float, default=0.7, help="box NMS threshold (both engines)")
+    p.add_argument(
+        "--pred-iou", type=float, default=0.0, help="predicted-IoU threshold (0: random weights keep masks)"
+    )
+    p.add_argument(
+        "--stability", type=float, default=0.0, help="stability threshold (segment-anything: 0.95)"
+    )
     p.add_argument("--max-masks", type=int, default=100)
     p.add_argument("--clip-batch", type=int, default=64)
+    p.add_argument("--label-masks", type=int, default=64, help="masks per image for the labels-stage pair")
     p.add_argument(
         "--pipeline", type=int, default=0, help="also run the pipeline's stages over N replicated photos"
     )
