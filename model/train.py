@@ -29,6 +29,14 @@ from .semantic_sam import build_semantic_sam, load_model, load_sam_weights, read
 from .train_config import TrainConfig
 
 
+def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Trainable parameters split by rule: matrices (2-D and up: linear, conv and embedding weights)
+    decay; vectors and scalars (biases, norm scales, the temperature ``logit_scale``) do not, as in
+    open_clip and nanoGPT -- decaying a temperature or a norm scale pulls it towards 0 for no gain."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in trainable if p.ndim >= 2], [p for p in trainable if p.ndim < 2]
+
+
 def lr_lambda(warmup: int, total: int):
     """Linear warm-up to 1, then cosine decay to 0 at ``total``."""
 
@@ -59,8 +67,11 @@ class Trainer:
             for p in getattr(self.core, name).parameters():
                 p.requires_grad_(False)
         self.net = wrap(self.core) if wrap else self.core
-        params = [p for p in self.core.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        decay, no_decay = decay_groups(self.core)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, t.max_steps))
         self.counter = BadDataCounter(cfg.data.max_bad_fraction)
         sources = {}

@@ -269,3 +269,18 @@ def test_readme_documents_every_training_key():
     keys = [row.split("`")[1] for row in config_rows(TrainConfig)]
     readme = (REPO / "README.md").read_text()
     assert "train.max_steps" in keys and [k for k in keys if f"`{k}`" not in readme] == []
+
+
+def test_weight_decay_only_on_matrices():
+    from ssam.model.semantic_sam import build_semantic_sam
+    from ssam.model.train import decay_groups
+
+    model = build_semantic_sam("smoke", clip_dim=32, seed=0)
+    model.image_encoder.requires_grad_(False)
+    decay, no_decay = decay_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "logit_scale" in {names[id(p)] for p in no_decay}
+    assert all(p.ndim >= 2 for p in decay) and all(p.ndim < 2 for p in no_decay)
+    assert any(names[id(p)].endswith(".bias") for p in no_decay)
+    assert not any(names[id(p)].startswith("image_encoder.") for p in decay + no_decay)  # frozen: not trained
+    assert len(decay) + len(no_decay) == sum(p.requires_grad for p in model.parameters())
