@@ -117,6 +117,21 @@ class Downloader:
         return downloaded_shards(download_dir)
 
 
+# The columns of a downloaded shard's rows, as the first graph stage receives them.
+SHARD_COLUMNS = (
+    "key",
+    "shard_id",
+    "url",
+    "caption",
+    "sha256",
+    "image",
+    "status",
+    "fail_stage",
+    "fail_detail",
+    "t_download",
+)
+
+
 def shard_row_count(shard_stem: Path) -> int:
     return pq.ParquetFile(f"{shard_stem}.parquet").metadata.num_rows
 
@@ -134,21 +149,7 @@ def read_downloaded_shard(shard_stem: Path) -> dict[str, list]:
     except (OSError, tarfile.TarError) as e:
         tar_error = f"image tar unreadable: {e}"
     shard_id = int(shard_stem.name)
-    out: dict[str, list] = {
-        c: []
-        for c in (
-            "key",
-            "shard_id",
-            "url",
-            "caption",
-            "sha256",
-            "image",
-            "status",
-            "fail_stage",
-            "fail_detail",
-            "t_download",
-        )
-    }
+    out: dict[str, list] = {c: [] for c in SHARD_COLUMNS}
     for row in table:
         key = row["key"]
         ok = row["status"] == "success"

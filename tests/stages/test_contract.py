@@ -7,19 +7,7 @@ import pytest
 from ssam.pipeline.graph import STAGES, _run_chain, stage_args
 from ssam.stages.common import ROW_COLUMNS, Stage, StageContractError
 from ssam.stages.decode import DecodeStage
-
-# What the reader of a downloaded shard hands to the first graph stage.
-SHARD_COLUMNS = {
-    "key",
-    "shard_id",
-    "url",
-    "caption",
-    "sha256",
-    "image",
-    "status",
-    "fail_stage",
-    "fail_detail",
-}
+from ssam.stages.download import SHARD_COLUMNS
 
 
 def test_each_stage_reads_only_what_earlier_stages_wrote():
