@@ -224,6 +224,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     print(f"{'metric':<18}{'value':>8}")
     for k in ("mask_AP", "mask_AP50", "mask_AP75", "agnostic_AR@1", "agnostic_AR@10", "agnostic_AR@100"):
         print(f"{k:<18}{100 * result[k]:8.2f}")
+    print(f"{'best-match IoU':<18}{100 * result['mean_best_match_iou']:8.2f}   mean over GT masks")
+    print(
+        f"{'label accuracy':<18}{100 * result['label_accuracy_matched']:8.2f}   "
+        f"on {result['matched_masks']} of {result['gt_masks']} GT masks matched at IoU >= 0.5"
+    )
+    print(f"{'IoU calib. error':<18}{result['iou_calibration_mae']:8.3f}   mean |predicted IoU - true IoU|")
     print(f"{result['images']} images, {result['detections']} detections")
     for e in result["unreadable_images"]:
         print(f"error: {e}", file=sys.stderr)

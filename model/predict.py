@@ -183,10 +183,45 @@ def _coco_eval(gt, dets: list[dict], use_cats: bool) -> np.ndarray:
     return np.maximum(ev.stats, 0)
 
 
+def match_metrics(gt_rles: list[dict], gt_names: list[str], anns: list[dict], match_iou: float = 0.5) -> dict:
+    """How one image's predictions match its ground truth.
+
+    Args:
+        gt_rles: the GT masks (COCO RLE); gt_names: their category names.
+        anns: predictions (``segmentation`` RLE, ``label``, ``predicted_iou``).
+        match_iou: a GT mask is matched when its best prediction overlaps it at least this much.
+
+    Returns:
+        ``best_iou``: per GT mask, the highest IoU of any prediction (0 without predictions);
+        ``label_correct``: per matched GT mask, whether that best prediction's label is its name;
+        ``iou_error``: per prediction, |predicted IoU - its IoU with the GT mask it overlaps most|.
+    """
+    out = {"best_iou": [0.0] * len(gt_rles), "label_correct": [], "iou_error": []}
+    if not anns:
+        return out
+    dt = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()} for a in anns]
+    if not gt_rles:
+        out["iou_error"] = [abs(float(a["predicted_iou"])) for a in anns]
+        return out
+    iou = np.asarray(mask_utils.iou(dt, gt_rles, [0] * len(gt_rles)))  # [predictions, GT]
+    out["iou_error"] = [
+        abs(float(a["predicted_iou"]) - float(t)) for a, t in zip(anns, iou.max(1), strict=True)
+    ]
+    best = iou.argmax(0)
+    out["best_iou"] = [float(iou[b, g]) for g, b in enumerate(best)]
+    norm = lambda s: (s or "").replace("_", " ").lower()  # noqa: E731
+    out["label_correct"] = [
+        norm(anns[b]["label"]) == norm(gt_names[g]) for g, b in enumerate(best) if iou[b, g] >= match_iou
+    ]
+    return out
+
+
 def evaluate_coco(
     loaded_ckpt: str, gt_path: Path, images_dir: Path, opts: PredictOptions, device: str = "cpu"
 ) -> dict:
-    """Zero-shot mask AP (GT categories as vocabulary) and class-agnostic mask AR."""
+    """Zero-shot mask AP (GT categories as vocabulary), class-agnostic mask AR, and how the masks
+    match the ground truth: mean best-match IoU per GT mask, label accuracy on GT masks matched at
+    IoU >= 0.5, and the predicted IoU's calibration error (mean |predicted - true|)."""
     from pycocotools.coco import COCO
 
     with redirect_stdout(io.StringIO()):
@@ -198,6 +233,8 @@ def evaluate_coco(
         opts, min_label_score=0.0
     )  # every mask gets its best category; AP ranks by score
     dets, missing = [], []
+    matches: dict[str, list] = {"best_iou": [], "label_correct": [], "iou_error": []}
+    cat_name = {c["id"]: c["name"] for c in cats}
     for img in gt.loadImgs(gt.getImgIds()):
         path = images_dir / img["file_name"]
         try:
@@ -205,7 +242,14 @@ def evaluate_coco(
         except ValueError as e:
             missing.append(str(e))
             continue
-        for a in predict_image(loaded, image, opts):
+        anns = predict_image(loaded, image, opts)
+        gt_anns = gt.loadAnns(gt.getAnnIds(imgIds=img["id"], iscrowd=None))
+        m = match_metrics(
+            [gt.annToRLE(g) for g in gt_anns], [cat_name[g["category_id"]] for g in gt_anns], anns
+        )
+        for k, v in m.items():
+            matches[k] += v
+        for a in anns:
             dets.append(
                 {
                     "image_id": img["id"],
@@ -225,6 +269,13 @@ def evaluate_coco(
         "agnostic_AR@1": float(agnostic[6]),
         "agnostic_AR@10": float(agnostic[7]),
         "agnostic_AR@100": float(agnostic[8]),
+        "mean_best_match_iou": float(np.mean(matches["best_iou"])) if matches["best_iou"] else 0.0,
+        "label_accuracy_matched": float(np.mean(matches["label_correct"]))
+        if matches["label_correct"]
+        else 0.0,
+        "matched_masks": len(matches["label_correct"]),
+        "gt_masks": len(matches["best_iou"]),
+        "iou_calibration_mae": float(np.mean(matches["iou_error"])) if matches["iou_error"] else 0.0,
         "images": len(gt.getImgIds()),
         "detections": len(dets),
         "unreadable_images": missing,

@@ -164,3 +164,34 @@ def test_eval_on_a_tiny_gt_set(checkpoint, tmp_path, capsys):
     assert result["images"] == 3 and result["detections"] > 0
     assert all(0.0 <= result[k] <= 1.0 for k in ("mask_AP", "mask_AP50", "agnostic_AR@100"))
     assert np.isfinite(result["mask_AP"])
+    assert "label accuracy" in printed and "IoU calib. error" in printed
+    assert 0.0 <= result["mean_best_match_iou"] <= 1.0 and result["gt_masks"] > 0
+    assert result["matched_masks"] <= result["gt_masks"] and result["iou_calibration_mae"] >= 0.0
+
+
+def test_match_metrics_on_known_masks():
+    from pycocotools import mask as mask_utils
+
+    from ssam.model.predict import match_metrics
+
+    def rle(y0, y1, x0, x1):
+        m = np.zeros((20, 20), np.uint8)
+        m[y0:y1, x0:x1] = 1
+        return mask_utils.encode(np.asfortranarray(m))
+
+    gt = [rle(0, 10, 0, 10), rle(10, 20, 10, 20), rle(0, 4, 16, 20)]
+    names = ["square", "disk", "ring"]
+
+    def pred(r, label, iou):
+        return {
+            "segmentation": {"size": r["size"], "counts": r["counts"].decode()},
+            "label": label,
+            "predicted_iou": iou,
+        }
+
+    preds = [pred(rle(0, 10, 0, 10), "square", 0.9), pred(rle(10, 20, 10, 15), "Square", 0.5)]
+    m = match_metrics(gt, names, preds)
+    assert m["best_iou"] == pytest.approx([1.0, 0.5, 0.0])
+    assert m["label_correct"] == [True, False]  # the third GT mask is unmatched
+    assert m["iou_error"] == pytest.approx([0.1, 0.0])
+    assert match_metrics(gt, names, [])["best_iou"] == [0.0, 0.0, 0.0]
