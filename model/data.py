@@ -184,6 +184,7 @@ class Example:
     labels: list[str | None]
     crop_emb: torch.Tensor | None  # MxD float32 (our shards) or None
     key: str
+    background_xy: torch.Tensor | None = None  # Bx2 points on no annotated mask, input frame
 
 
 def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Example | None:
@@ -226,6 +227,7 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
         return None
     n = len(masks)
     emb = torch.from_numpy(sample.emb[rows].astype(np.float32)) if sample.emb is not None else None
+    background = background_points(sample, (h, w), cfg.background_points, g)
     return Example(
         image,
         torch.tensor(boxes),
@@ -235,4 +237,25 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
         labels,
         emb,
         sample.key,
+        background,
     )
+
+
+def background_points(sample: RawSample, hw: tuple[int, int], n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` points (``Nx2`` XY, input frame) on pixels no annotation covers; fewer if there are none.
+
+    Automatic mode prompts a grid over the whole image, so most of its points land where no
+    object is; a model only ever prompted inside objects has never learnt to score such masks low.
+    """
+    if n == 0:
+        return torch.zeros(0, 2)
+    h, w = hw
+    covered = torch.zeros(h, w, dtype=torch.bool)
+    for ann in sample.meta["annotations"]:
+        m = torch.from_numpy(decode_rle(ann["segmentation"])).float()[None, None]
+        covered |= F.interpolate(m, size=(h, w), mode="nearest")[0, 0] > 0.5
+    ys, xs = torch.nonzero(~covered, as_tuple=True)
+    if len(ys) == 0:
+        return torch.zeros(0, 2)
+    k = torch.randint(len(ys), (n,), generator=g)
+    return torch.stack([xs[k].float() + 0.5, ys[k].float() + 0.5], 1)

@@ -141,16 +141,25 @@ class Trainer:
         prompts, order = [], []
         for e in examples:
             box_idx, pt_idx = torch.nonzero(e.use_box).flatten(), torch.nonzero(~e.use_box).flatten()
-            prompts.append((e.boxes_xyxy[box_idx].to(dev), e.points_xy[pt_idx].to(dev)))
+            bg = e.background_xy if e.background_xy is not None else torch.zeros(0, 2)
+            prompts.append((e.boxes_xyxy[box_idx].to(dev), torch.cat([e.points_xy[pt_idx], bg]).to(dev)))
             order.append(torch.cat([box_idx, pt_idx]))
         with self._autocast():
             outputs, scale = self.net(images, prompts)
-        # Outputs come boxes first, then points: put the targets in the same order.
-        masks = torch.cat([o[0][:, 1:] for o in outputs]).float()  # multimask outputs 1..3
-        ious, sems, scores = (torch.cat([o[i][:, 1:] for o in outputs]).float() for i in (1, 2, 3))
+        # Outputs come boxes first, then target points, then background points: targets in that order.
+        n_t = [len(o) for o in order]
+        masks = torch.cat([o[0][:n, 1:] for o, n in zip(outputs, n_t, strict=True)]).float()  # outputs 1..3
+        ious, sems, scores = (
+            torch.cat([o[i][:n, 1:] for o, n in zip(outputs, n_t, strict=True)]).float() for i in (1, 2, 3)
+        )
+        bg_iou = torch.cat([o[1][n:, 1:] for o, n in zip(outputs, n_t, strict=True)]).float()
         targets = torch.cat([e.target_masks[o] for e, o in zip(examples, order, strict=True)]).to(dev)
         labels = [e.labels[i] for e, o in zip(examples, order, strict=True) for i in o.tolist()]
         mask_loss, iou_loss, best, best_iou = mask_losses(masks, ious, targets, t.focal_weight, t.dice_weight)
+        if len(bg_iou):  # background prompts: no object to segment, so every output's IoU target is 0
+            iou_loss = (iou_loss * len(ious) + bg_iou.square().mean() * len(bg_iou)) / (
+                len(ious) + len(bg_iou)
+            )
         loss = mask_loss + t.iou_weight * iou_loss
         metrics = {
             "mask_loss": mask_loss.item(),

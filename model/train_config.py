@@ -57,6 +57,12 @@ class DataSection(_Section):
     box_prompt_prob: float = Field(
         0.5, ge=0, le=1, description="chance a target is prompted by a box (else a point)"
     )
+    background_points: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="point prompts per image outside every annotated mask; their predicted IoU is trained towards 0",
+    )
     box_jitter: float = Field(
         0.1, ge=0, le=1, description="box corners move by up to this fraction of the side"
     )

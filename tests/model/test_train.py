@@ -284,3 +284,24 @@ def test_weight_decay_only_on_matrices():
     assert any(names[id(p)].endswith(".bias") for p in no_decay)
     assert not any(names[id(p)].startswith("image_encoder.") for p in decay + no_decay)  # frozen: not trained
     assert len(decay) + len(no_decay) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_background_points_fall_on_no_annotated_mask():
+    import io
+
+    from PIL import Image
+
+    from ssam.model.data import RawSample, background_points
+    from ssam.model.synthetic import make_sample
+    from ssam.overlay import decode_rle
+
+    s = make_sample("000001", np.random.default_rng(3), size=128)
+    image = np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB"))
+    raw = RawSample(s.key, image, s.meta, None, "ours")
+    pts = background_points(raw, (128, 128), 32, torch.Generator().manual_seed(0))
+    covered = np.zeros((128, 128), bool)
+    for a in s.meta["annotations"]:
+        covered |= decode_rle(a["segmentation"]).astype(bool)
+    assert pts.shape == (32, 2) and covered.any()
+    assert not any(covered[int(y), int(x)] for x, y in pts.tolist())
+    assert background_points(raw, (128, 128), 0, torch.Generator()).shape == (0, 2)
