@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from ssam.format import decode_sample, iter_tar_samples, validate_sample
@@ -249,11 +250,13 @@ def background_points(sample: RawSample, hw: tuple[int, int], n: int, g: torch.G
     """
     if n == 0:
         return torch.zeros(0, 2)
-    h, w = hw
-    covered = torch.zeros(h, w, dtype=torch.bool)
-    for ann in sample.meta["annotations"]:
-        m = torch.from_numpy(decode_rle(ann["segmentation"])).float()[None, None]
-        covered |= F.interpolate(m, size=(h, w), mode="nearest")[0, 0] > 0.5
+    segs = [a["segmentation"] for a in sample.meta["annotations"]]
+    if segs:  # the union in RLE form, decoded and resized once (not once per annotation)
+        union = mask_utils.merge([{"size": s["size"], "counts": s["counts"].encode()} for s in segs])
+        covered = torch.from_numpy(mask_utils.decode(union)).float()[None, None]
+        covered = F.interpolate(covered, size=hw, mode="nearest")[0, 0] > 0.5
+    else:
+        covered = torch.zeros(hw, dtype=torch.bool)
     ys, xs = torch.nonzero(~covered, as_tuple=True)
     if len(ys) == 0:
         return torch.zeros(0, 2)
