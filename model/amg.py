@@ -94,6 +94,33 @@ class ImageMasks:
     failure: str | None = None  # "gpu_oom": out of GPU memory even alone (records are then empty)
 
 
+def bf16_autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when ``enabled``; a no-op context elsewhere."""
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+    )
+
+
+@torch.inference_mode()
+def encode_images(
+    model: Sam, images: Sequence[np.ndarray], batch_size: int, bf16: bool, encoder=None
+) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Image-encoder features ``1xCxhxw`` (float32) and resized input size ``(h, w)`` of each HxWx3
+    uint8 RGB image, ``batch_size`` images per forward (``encoder``: e.g. a compiled one)."""
+    transform, encoder = ResizeLongestSide(model.image_encoder.img_size), encoder or model.image_encoder
+    out = []
+    for a in range(0, len(images), batch_size):
+        resized = [
+            torch.as_tensor(transform.apply_image(im), device=model.device)
+            for im in images[a : a + batch_size]
+        ]
+        resized = [t.permute(2, 0, 1).contiguous()[None] for t in resized]
+        with bf16_autocast(model.device, bf16):
+            feats = encoder(torch.cat([model.preprocess(t) for t in resized])).float()
+        out += [(f, tuple(t.shape[-2:])) for f, t in zip(feats.split(1), resized, strict=True)]
+    return out
+
+
 def decode_prompts(model: Sam, features: torch.Tensor, coords_pn2: torch.Tensor, labels_pn: torch.Tensor):
     """All mask-decoder outputs for P point prompts, each with its own image embedding.
 
@@ -224,23 +251,16 @@ class MaskEngine:
         return self.model.device
 
     def _autocast(self):
-        if self.s.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return bf16_autocast(self.device, self.s.bf16)
 
-    @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched."""
-        out = []
-        for a in range(0, len(images), self.s.encoder_batch_size):
-            x = torch.cat([self._model_input(im) for im in images[a : a + self.s.encoder_batch_size]])
-            with self._autocast():
-                out += list(self.encoder(x).float().split(1))
-        return out
-
-    def _model_input(self, image_hwc: np.ndarray) -> torch.Tensor:
-        t = torch.as_tensor(self.transform.apply_image(image_hwc), device=self.device)
-        return self.model.preprocess(t.permute(2, 0, 1).contiguous()[None])
+        return [
+            f
+            for f, _ in encode_images(
+                self.model, images, self.s.encoder_batch_size, self.s.bf16, self.encoder
+            )
+        ]
 
     @torch.inference_mode()
     def generate(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-from contextlib import nullcontext
 from typing import Literal
 
 import numpy as np
@@ -27,7 +26,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from ssam.configio import Section
 from ssam.device import resolve_device
-from ssam.model.amg import AmgSettings, MaskEngine
+from ssam.model.amg import AmgSettings, MaskEngine, bf16_autocast, encode_images
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 
@@ -202,32 +201,15 @@ class MaskStage(Stage):
             )
             self.generator.predictor = self.predictor
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    @torch.inference_mode()
     def embed(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """Reference engine: image-encoder features ``1xCxhxw`` and resized input size per image, batched."""
-        out = []
-        for s in range(0, len(images), self.cfg.encoder_batch_size):
-            chunk, sizes = [], []
-            for im in images[s : s + self.cfg.encoder_batch_size]:
-                t = torch.as_tensor(self.predictor.transform.apply_image(im), device=self.device)
-                t = t.permute(2, 0, 1).contiguous()[None]
-                sizes.append(tuple(t.shape[-2:]))
-                chunk.append(self.sam.preprocess(t))
-            with self._autocast():
-                feats = self.sam.image_encoder(torch.cat(chunk)).float()
-            out += [(feats[j : j + 1], sizes[j]) for j in range(len(chunk))]
-        return out
+        return encode_images(self.sam, images, self.cfg.encoder_batch_size, self.cfg.bf16)
 
     @torch.inference_mode()
     def reference_records(self, image: np.ndarray, features: torch.Tensor, input_size) -> list[dict]:
         """segment-anything's generator on one image, highest predicted IoU first."""
         self.predictor.preload(image, features, input_size)
-        with self._autocast():
+        with bf16_autocast(self.device, self.cfg.bf16):
             records = self.generator.generate(image)
         records.sort(key=lambda r: -r["predicted_iou"])
         return records
