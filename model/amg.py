@@ -41,6 +41,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
 from ssam.oom import Failed, run_halving_on_oom
+from ssam.overlay import decode_rles
 
 from .sdpa import enable_sdpa
 
@@ -201,13 +202,6 @@ def masks_to_coco_rles(masks_bhw: torch.Tensor) -> list[dict]:
     runs, lengths = rle_runs(masks_bhw)
     both = torch.cat([lengths, runs]).cpu().numpy()
     return coco_rles(both[len(lengths) :], both[: len(lengths)], *masks_bhw.shape[1:])
-
-
-def decode_coco_rles(rles: list[dict], h: int, w: int) -> np.ndarray:
-    """``NxHxW`` bool masks from COCO RLEs."""
-    if not rles:
-        return np.zeros((0, h, w), bool)
-    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
 
 
 def top_k_per_group(order: torch.Tensor, score: torch.Tensor, group: torch.Tensor, k: int) -> torch.Tensor:
@@ -453,5 +447,5 @@ class MaskEngine:
             out.semantic = rows["semantic"][keep] if rles else np.zeros((0, dim), np.float32)
             out.score = rows["score"][keep] if rles else np.zeros(0, np.float32)
         if return_masks:
-            out.masks = decode_coco_rles([r["segmentation"] for r in records], h, w)
+            out.masks = decode_rles([r["segmentation"] for r in records], h, w).astype(bool)
         return out

@@ -41,11 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from torchvision.ops import roi_align
 from torchvision.transforms import CenterCrop, Normalize, Resize
 
 from ssam.io import atomic_path
+from ssam.overlay import decode_rles
 
 from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_texts
 
@@ -165,32 +165,6 @@ def center_square(boxes_xyxy: torch.Tensor, size: int, resize_mode: str = "short
     top = torch.round((out_h - size) / 2.0)
     sx, sy = cw / out_w, ch / out_h
     return torch.stack([x0 + left * sx, y0 + top * sy, x0 + (left + size) * sx, y0 + (top + size) * sy], -1)
-
-
-def rle_to_masks(segmentations: Sequence[dict], h: int, w: int) -> np.ndarray:
-    """Decode SA-1B / COCO RLEs of one image.
-
-    Args:
-        segmentations: ``M`` dicts ``{"size": [h, w], "counts": str | bytes | list[int]}``.
-        h: image height (every RLE must have this size).
-        w: image width.
-
-    Returns:
-        ``[M, h, w]`` uint8 masks in {0, 1}: a view, not a copy, of pycocotools' column-major
-        ``[h, w, M]``, so ``masks.transpose(0, 2, 1)`` (``[M, w, h]``) is the C-contiguous one.
-    """
-    if not segmentations:
-        return np.zeros((0, h, w), np.uint8)
-    rles = []
-    for seg in segmentations:
-        if list(seg["size"]) != [h, w]:
-            raise ValueError(f"mask size {seg['size']} != image size {[h, w]}")
-        counts = seg["counts"]
-        if isinstance(counts, list):  # uncompressed RLE
-            rles.append(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w))
-        else:
-            rles.append({"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts})
-    return mask_utils.decode(rles).transpose(2, 0, 1)
 
 
 def gaussian_blur_separable(image_chw: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -347,7 +321,7 @@ def image_mask_crops(
     image_rois, blurred_rois = res[:, :3], (res[:, 3:] if background == "blur" else None)
     mask_rois = None
     if background != "none":  # "none" needs no mask at all, only the box
-        masks = rle_to_masks([a["segmentation"] for a in anns], h, w)
+        masks = decode_rles([a["segmentation"] for a in anns], h, w)
         mask_rois = torch.cat(
             [
                 resample_masks(

@@ -7,6 +7,7 @@ banner saying so, in the picture itself.
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -25,6 +26,32 @@ def palette(n: int) -> list[tuple[int, int, int]]:
 def decode_rle(seg: dict) -> np.ndarray:
     """COCO RLE with string counts -> HxW bool mask."""
     return mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+
+
+def decode_rles(segmentations: Sequence[dict], h: int, w: int) -> np.ndarray:
+    """Decode the SA-1B / COCO RLEs of one image at once.
+
+    Args:
+        segmentations: ``M`` dicts ``{"size": [h, w], "counts": str | bytes | list[int]}``.
+        h: image height (every RLE must have this size).
+        w: image width.
+
+    Returns:
+        ``[M, h, w]`` uint8 masks in {0, 1}: a view, not a copy, of pycocotools' column-major
+        ``[h, w, M]``, so ``masks.transpose(0, 2, 1)`` (``[M, w, h]``) is the C-contiguous one.
+    """
+    if not segmentations:
+        return np.zeros((0, h, w), np.uint8)
+    rles = []
+    for seg in segmentations:
+        if list(seg["size"]) != [h, w]:
+            raise ValueError(f"mask size {seg['size']} != image size {[h, w]}")
+        counts = seg["counts"]
+        if isinstance(counts, list):  # uncompressed RLE
+            rles.append(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w))
+        else:
+            rles.append({"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts})
+    return mask_utils.decode(rles).transpose(2, 0, 1)
 
 
 def _outline(mask_hw: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ from torch import nn
 from ssam.model.amg import (
     AmgSettings,
     MaskEngine,
-    decode_coco_rles,
     decode_prompts,
     masks_to_coco_rles,
     rle_runs,
@@ -32,6 +31,7 @@ from ssam.model.amg import (
 )
 from ssam.model.sam import build_sam
 from ssam.model.semantic_sam import build_semantic_sam
+from ssam.overlay import decode_rles
 
 _FREQ = 0.2  # prompt PE frequency small enough that atan2 recovers the point from its token
 _SHARP, _CUT = 2000.0, 300.0  # logit slope of the disc; weight of the feature difference
@@ -222,7 +222,7 @@ def test_precomputed_features_and_returned_masks(toy, photos):
         assert g.masks.shape == (5, *im.shape[:2]) and g.masks.dtype == bool
         assert [int(m.sum()) for m in g.masks] == [r["area"] for r in g.records]
         assert np.array_equal(
-            g.masks, decode_coco_rles([r["segmentation"] for r in g.records], *im.shape[:2])
+            g.masks, decode_rles([r["segmentation"] for r in g.records], *im.shape[:2]).astype(bool)
         )
 
 
@@ -252,7 +252,7 @@ def test_device_rle_equals_pycocotools():
     expected = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
     got = masks_to_coco_rles(masks)
     assert got == [{"size": [13, 9], "counts": e["counts"].decode()} for e in expected]
-    assert np.array_equal(decode_coco_rles(got, 13, 9), masks.numpy())
+    assert np.array_equal(decode_rles(got, 13, 9).astype(bool), masks.numpy())
     runs, lengths = rle_runs(masks)
     assert lengths.tolist()[:2] == [1, 2] and runs[:3].tolist() == [117, 0, 117]
     sub_runs, sub_lengths = take_runs(runs, lengths, torch.tensor([5, 2]))

@@ -33,6 +33,7 @@ from torchvision.transforms import functional as TF
 
 from ssam.model import label_engine as le
 from ssam.model.clip import SMOKE_CLIP, encode_texts, load_clip
+from ssam.overlay import decode_rles
 from ssam.stages.labels import crop_with_background
 
 PADDING, DIM, BLUR = 0.1, 0.3, 8.0
@@ -188,10 +189,10 @@ def test_rebatch_cuts_fixed_batches_across_chunks():
     assert torch.equal(torch.cat(batches), torch.cat(chunks))
 
 
-def test_rle_to_masks_decodes_in_order():
+def test_decode_rles_decodes_in_order():
     masks = np.zeros((3, 5, 7), np.uint8)
     masks[0, 1, 2] = masks[1, :, 6] = masks[2, 2:4, :] = 1
-    out = le.rle_to_masks([to_ann(m)["segmentation"] for m in masks], 5, 7)
+    out = decode_rles([to_ann(m)["segmentation"] for m in masks], 5, 7)
     assert out.shape == (3, 5, 7) and out.transpose(0, 2, 1).flags.c_contiguous
     np.testing.assert_array_equal(out, masks)
     rois = torch.tensor([[1.0, 0.0, 4.0, 5.0], [0.5, 0.5, 7.0, 3.5], [2.0, 1.0, 7.0, 4.0]])
@@ -199,7 +200,7 @@ def test_rle_to_masks_decodes_in_order():
     plain = le.resample_masks(torch.from_numpy(np.ascontiguousarray(out)), rois, 8)
     torch.testing.assert_close(swapped, plain, atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
-        le.rle_to_masks([to_ann(masks[0])["segmentation"]], 7, 5)
+        decode_rles([to_ann(masks[0])["segmentation"]], 7, 5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_separate_mask_resampling_is_close_to_resampling_the_full_composite(clip
     for image, anns in zip(images, annotations, strict=True):
         h, w = image.shape[:2]
         img = torch.from_numpy(image).permute(2, 0, 1).float()
-        masks = torch.from_numpy(le.rle_to_masks([a["segmentation"] for a in anns], h, w)).float()
+        masks = torch.from_numpy(decode_rles([a["segmentation"] for a in anns], h, w)).float()
         bbox = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
         rois = le.center_square(le.crop_boxes_xyxy(bbox, PADDING, h, w), spec.size).float()
         full = img[None] * (DIM + (1 - DIM) * masks[:, None])  # [M, 3, H, W], what the engine avoids
