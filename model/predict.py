@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from ssam.overlay import render_overlay
 from ssam.paths import expand_specs
-from ssam.vocab import load_vocabulary
+from ssam.vocab import load_vocabulary, normalize_name
 
 from .amg import AmgSettings
 from .clip import encode_texts, load_clip
@@ -209,9 +209,10 @@ def match_metrics(gt_rles: list[dict], gt_names: list[str], anns: list[dict], ma
     ]
     best = iou.argmax(0)
     out["best_iou"] = [float(iou[b, g]) for g, b in enumerate(best)]
-    norm = lambda s: (s or "").replace("_", " ").lower()  # noqa: E731
     out["label_correct"] = [
-        norm(anns[b]["label"]) == norm(gt_names[g]) for g, b in enumerate(best) if iou[b, g] >= match_iou
+        normalize_name(anns[b]["label"] or "") == normalize_name(gt_names[g])
+        for g, b in enumerate(best)
+        if iou[b, g] >= match_iou
     ]
     return out
 
@@ -228,7 +229,7 @@ def evaluate_coco(
         gt = COCO(str(gt_path))
     cats = gt.loadCats(gt.getCatIds())
     loaded = load_for_prediction(loaded_ckpt, [c["name"] for c in cats], device)
-    name_to_id = {c["name"].replace("_", " ").lower(): c["id"] for c in cats}
+    name_to_id = {normalize_name(c["name"]): c["id"] for c in cats}
     opts = dataclasses.replace(
         opts, min_label_score=0.0
     )  # every mask gets its best category; AP ranks by score

@@ -12,6 +12,11 @@ BUNDLED_VOCABS = {
 }
 
 
+def normalize_name(name: str) -> str:
+    """A category name as vocabularies hold it: ``Traffic_Light `` -> ``traffic light``."""
+    return name.strip().replace("_", " ").lower()
+
+
 def load_vocabulary(spec: str | list[str]) -> list[str]:
     """Class names, lower case, underscores as spaces, deduplicated in order.
 
@@ -31,7 +36,7 @@ def load_vocabulary(spec: str | list[str]) -> list[str]:
     else:
         with open(spec, encoding="utf-8") as f:
             names = f.read().splitlines()
-    names = [n.strip().replace("_", " ").lower() for n in names if n.strip()]
+    names = [normalize_name(n) for n in names if n.strip()]
     if not names:
         raise ValueError(f"vocabulary {spec!r} is empty")
     return list(dict.fromkeys(names))
