@@ -103,7 +103,7 @@ def bf16_autocast(device: torch.device, enabled: bool):
 
 
 @torch.inference_mode()
-def encode_images(
+def sam_image_features(
     model: Sam, images: Sequence[np.ndarray], batch_size: int, bf16: bool, encoder=None
 ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """Image-encoder features ``1xCxhxw`` (float32) and resized input size ``(h, w)`` of each HxWx3
@@ -251,7 +251,7 @@ class MaskEngine:
         """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched."""
         return [
             f
-            for f, _ in encode_images(
+            for f, _ in sam_image_features(
                 self.model, images, self.s.encoder_batch_size, self.s.bf16, self.encoder
             )
         ]

@@ -47,7 +47,7 @@ from torchvision.transforms import CenterCrop, Normalize, Resize
 from ssam.io import atomic_path
 from ssam.overlay import decode_rles
 
-from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_texts
+from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_images, encode_texts
 
 BACKGROUNDS = ("dim", "blur", "none")
 
@@ -363,24 +363,6 @@ def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
 
 
 @torch.no_grad()
-def encode_crops(bundle: ClipBundle, pixels_bchw: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-    """L2-normalised float32 ``[B, D]`` image embeddings on the model's device.
-
-    Args:
-        bundle: the CLIP.
-        pixels_bchw: ``[B, 3, S, S]`` normalised crops.
-        bf16: run the encoder under bfloat16 autocast (CUDA only; ignored elsewhere).
-    """
-    param = next(bundle.model.parameters())
-    autocast = bf16 and param.device.type == "cuda"
-    # under autocast the crops stay float32 (autocast casts per op); otherwise the model's own dtype
-    pixels = pixels_bchw.to(param.device, dtype=torch.float32 if autocast else param.dtype)
-    with torch.autocast(device_type=param.device.type, dtype=torch.bfloat16, enabled=autocast):
-        emb = bundle.model.encode_image(pixels)
-    return F.normalize(emb.float(), dim=-1)
-
-
-@torch.no_grad()
 def embed_mask_crops(
     bundle: ClipBundle,
     images: Sequence[np.ndarray],
@@ -440,11 +422,11 @@ def embed_mask_crops(
         )
         for image, anns in zip(images, annotations, strict=True)
     )
-    embs = [encode_crops(bundle, batch, bf16) for batch in rebatch(crops, batch_size)]
+    embs = [encode_images(bundle, batch, bf16) for batch in rebatch(crops, batch_size)]
     counts = [len(a) for a in annotations]
     if not counts:
         return []
-    flat = torch.cat(embs).cpu().numpy() if embs else np.zeros((0, bundle.embed_dim), np.float32)
+    flat = np.concatenate(embs) if embs else np.zeros((0, bundle.embed_dim), np.float32)
     return [part.astype(np.float32, copy=False) for part in np.split(flat, np.cumsum(counts)[:-1])]
 
 

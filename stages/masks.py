@@ -26,7 +26,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from ssam.configio import Section
 from ssam.device import resolve_device
-from ssam.model.amg import AmgSettings, MaskEngine, bf16_autocast, encode_images
+from ssam.model.amg import AmgSettings, MaskEngine, bf16_autocast, sam_image_features
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 
@@ -203,7 +203,7 @@ class MaskStage(Stage):
 
     def embed(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """Reference engine: image-encoder features ``1xCxhxw`` and resized input size per image, batched."""
-        return encode_images(self.sam, images, self.cfg.encoder_batch_size, self.cfg.bf16)
+        return sam_image_features(self.sam, images, self.cfg.encoder_batch_size, self.cfg.bf16)
 
     @torch.inference_mode()
     def reference_records(self, image: np.ndarray, features: torch.Tensor, input_size) -> list[dict]:
