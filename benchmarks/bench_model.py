@@ -103,7 +103,8 @@ def measure(mode: str, size: str, args) -> dict:
             "SSAM_CACHE": str(Path(tmp) / "cache"),
             "HOME": tmp,
         }
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        # not cwd=REPO: its ssam/ folder would shadow the package put together on PYTHONPATH (GPU machine)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{mode}/{size} failed:\n{proc.stderr[-2000:]}")

@@ -188,13 +188,23 @@ class Example:
     background_xy: torch.Tensor | None = None  # Bx2 points on no annotated mask, input frame
 
 
+def sam_input(model, img: np.ndarray) -> torch.Tensor:
+    """SAM's ``preprocess`` (normalise, pad bottom-right to the encoder's square) of a resized HxWx3
+    uint8 image, done on the CPU whatever device the model is on: examples are prepared on the
+    CPU and moved to the model's device in batches."""
+    x = torch.as_tensor(img).permute(2, 0, 1).float()
+    x = (x - model.pixel_mean.detach().cpu()) / model.pixel_std.detach().cpu()
+    size = model.image_encoder.img_size
+    return F.pad(x, (0, size - x.shape[2], 0, size - x.shape[1]))
+
+
 def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Example | None:
     """Resize to the model's input, pick up to ``masks_per_image`` masks, sample a prompt for each."""
     size = model.image_encoder.img_size
     resize = ResizeLongestSide(size)
     img = resize.apply_image(sample.image)
     h, w = img.shape[:2]
-    image = model.preprocess(torch.as_tensor(img).permute(2, 0, 1).float()[None])[0]
+    image = sam_input(model, img)
     anns = [(i, a) for i, a in enumerate(sample.meta["annotations"]) if a["area"] >= cfg.min_mask_area]
     if not anns:
         return None

@@ -305,3 +305,15 @@ def test_background_points_fall_on_no_annotated_mask():
     assert pts.shape == (32, 2) and covered.any()
     assert not any(covered[int(y), int(x)] for x, y in pts.tolist())
     assert background_points(raw, (128, 128), 0, torch.Generator()).shape == (0, 2)
+
+
+def test_sam_input_matches_sam_preprocess_and_stays_on_the_cpu():
+    from ssam.model.data import sam_input
+    from ssam.model.sam import build_sam
+
+    sam = build_sam("smoke", seed=0)
+    img = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    want = sam.preprocess(torch.as_tensor(img).permute(2, 0, 1).float()[None])[0]
+    got = sam_input(sam, img)
+    assert got.device.type == "cpu" and got.shape == want.shape
+    torch.testing.assert_close(got, want)
