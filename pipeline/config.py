@@ -87,16 +87,23 @@ class RayConfig(Section):
         description="masks and labels in one actor on ray.masks' resources: masks never cross the object store",
     )
     preserve_order: bool = Field(
-        True, description="keep row order so shards complete in turn (bounds memory)"
+        False,
+        description="keep row order so shards complete in turn (memory is bounded either way: "
+        "the driver holds only keys)",
     )
     decode: StageResources = Field(default_factory=lambda: StageResources(max_workers=2, batch_size=16))
     candidates: StageResources = Field(default_factory=StageResources)
     masks: StageResources = Field(default_factory=StageResources)
     labels: StageResources = Field(default_factory=StageResources)
+    write: StageResources = Field(
+        default_factory=lambda: StageResources(max_workers=4, batch_size=64),
+        description="the write tasks (parts of shards, then each shard): CPUs, resources, "
+        "max_workers = tasks at once, batch_size = rows per part",
+    )
 
     @model_validator(mode="after")
     def _pools(self):
-        for name in ("decode", "candidates", "masks", "labels"):
+        for name in ("decode", "candidates", "masks", "labels", "write"):
             r = getattr(self, name)
             if r.min_workers > r.max_workers:
                 raise ValueError(f"{name}: min_workers {r.min_workers} > max_workers {r.max_workers}")

@@ -1,9 +1,10 @@
 """The stage graph: Ray Data ``map_batches`` actor pools, or a plain loop over the same stages.
 
-Ray executor: downloaded shards -> read (tasks) -> decode -> candidates -> masks -> labels
-(each an actor pool with the CPUs, GPUs, pool size and batch size from ``cfg.ray``), consumed by
-the driver, which assembles and writes shards as they complete. Ray Data streams: memory is
-bounded by the in-flight window, not the dataset size. The local executor runs the same stage
+Ray executor: downloaded shards -> read (tasks, each waiting for its shard's download) -> decode
+-> candidates -> masks -> labels (each an actor pool with the CPUs, GPUs, pool size and batch size
+from ``cfg.ray``) -> write (tasks: parts of shards on the workers). The driver receives only the
+keys of each part and starts a task per complete shard (stages/write.py). Ray Data streams:
+memory is bounded by the in-flight window, not the dataset size. The local executor runs the same stage
 objects one batch at a time in this process (tests, debugging, the benchmark's baseline).
 """
 
@@ -14,11 +15,11 @@ from pathlib import Path
 
 from ssam.stages.candidates import CandidatesStage
 from ssam.stages.decode import DecodeStage
-from ssam.stages.download import read_downloaded_shard, read_shard_batch
+from ssam.stages.download import read_downloaded_shard, read_shard_batch, wait_for_shard
 from ssam.stages.fused import MasksAndLabelsStage
 from ssam.stages.labels import LabelStage
 from ssam.stages.masks import MaskStage
-from ssam.stages.write import ShardAssembler
+from ssam.stages.write import ShardTracker, finalize_shard, write_parts
 
 from .config import PipelineConfig
 
@@ -57,14 +58,21 @@ def _chunks(batch: dict[str, list], size: int):
 def run_local(
     cfg: PipelineConfig,
     shard_stems: list[Path],
-    assembler: ShardAssembler,
+    tracker: ShardTracker,
+    shard_dir: Path,
+    provenance: dict,
     on_shard: Callable[[int], None] = lambda s: None,
 ) -> None:
-    """Sequential executor: the same stage objects, in this process, one batch at a time."""
+    """Sequential executor: the same stage objects, in this process, one batch at a time; each
+    downloaded shard is taken as soon as img2dataset has finished it."""
     stages = [(cls(*args), getattr(cfg.ray, name).batch_size) for name, cls, args in stage_plan(cfg)]
     for stem in shard_stems:
-        for sid in assembler.add(_run_chain(stages, read_downloaded_shard(stem))):
-            on_shard(sid)
+        wait_for_shard(stem)
+        rows = _run_chain(stages, read_downloaded_shard(stem))
+        for part in _chunks(rows, cfg.ray.write.batch_size):
+            for sid in tracker.add(write_parts(part, str(shard_dir), provenance)):
+                tracker.record(finalize_shard(str(shard_dir), sid, provenance))
+                on_shard(sid)
 
 
 def _run_chain(stages: list[tuple[Callable, int]], batch: dict[str, list]) -> dict[str, list]:
@@ -87,8 +95,10 @@ def init_ray(cfg: PipelineConfig) -> None:
         )
 
 
-def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
-    """The lazy Ray Data graph over the given downloaded shards (nothing runs until consumed)."""
+def build_dataset(cfg: PipelineConfig, shard_stems: list[Path], shard_dir: Path, provenance: dict):
+    """The lazy Ray Data graph over the given shards (nothing runs until consumed): read (tasks
+    that wait for their shard's download), the stages' actor pools, then the write tasks, whose
+    output is only each part's keys."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -110,18 +120,50 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[Path]):
             resources=r.resources or None,
             udf_modifying_row_count=False,
         )
-    return ds
+    w = cfg.ray.write
+    return ds.map_batches(
+        write_parts,
+        fn_kwargs={"shard_dir": str(shard_dir), "provenance": provenance},
+        batch_size=w.batch_size,
+        batch_format="numpy",
+        concurrency=w.max_workers,
+        num_cpus=w.num_cpus,
+        resources=w.resources or None,
+    )
 
 
 def run_ray(
     cfg: PipelineConfig,
     shard_stems: list[Path],
-    assembler: ShardAssembler,
+    tracker: ShardTracker,
+    shard_dir: Path,
+    provenance: dict,
     on_shard: Callable[[int], None] = lambda s: None,
 ) -> None:
-    """Ray Data executor; the driver assembles and writes shards as their rows stream in."""
+    """Ray Data executor. The workers write parts; the driver counts keys and, when a shard is
+    complete, starts a task that writes it (:func:`finalize_shard`)."""
+    import ray
+
     init_ray(cfg)
-    ds = build_dataset(cfg, shard_stems)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for sid in assembler.add(batch):
-            on_shard(sid)
+    w = cfg.ray.write
+    finalize = ray.remote(finalize_shard).options(num_cpus=w.num_cpus, resources=w.resources or None)
+    running: dict = {}
+
+    def collect(timeout: float) -> None:
+        ready, _ = ray.wait(
+            list(running), num_returns=1 if timeout is None else len(running), timeout=timeout
+        )
+        for ref in ready:
+            running.pop(ref)
+            result = ray.get(ref)
+            tracker.record(result)
+            on_shard(int(result["shard_id"]))
+
+    ds = build_dataset(cfg, shard_stems, shard_dir, provenance)
+    for parts in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for sid in tracker.add(parts):
+            running[finalize.remote(str(shard_dir), sid, provenance)] = sid
+        if running:
+            collect(0)
+    while running:
+        collect(None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,9 +29,15 @@ import pyarrow.parquet as pq
 from ssam.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete
 from ssam.io import atomic_path, write_json_atomic
 from ssam.stages.common import OK
-from ssam.stages.download import Downloader, shard_row_count, write_download_input
+from ssam.stages.download import (
+    DOWNLOAD_DONE,
+    DownloadConfig,
+    Downloader,
+    expected_shards,
+    write_download_input,
+)
 from ssam.stages.filter import FilterStage
-from ssam.stages.write import ShardAssembler
+from ssam.stages.write import ShardTracker
 
 from .config import ConfigError, PipelineConfig
 from .inputs import check_inputs, iter_input_batches
@@ -47,6 +54,7 @@ class RunSummary:
     stage_rows_per_s: dict = field(default_factory=dict)
     wall_s: float = 0.0
     nothing_to_do: bool = False
+    overlap: dict = field(default_factory=dict)  # seconds from the start: first shard written, download end
 
     def lines(self) -> list[str]:
         t = self.totals
@@ -65,6 +73,12 @@ class RunSummary:
         )
         for stage, rate in self.stage_rows_per_s.items():
             out.append(f"  {stage:<11} {rate:8.2f} rows/s per worker")
+        if self.overlap.get("first_shard") is not None:
+            end = self.overlap.get("download_end")
+            out.append(
+                f"first shard written after {self.overlap['first_shard']:.1f}s; download finished after "
+                + (f"{end:.1f}s" if end is not None else "?")
+            )
         if self.wall_s:
             out.append(
                 f"wall {self.wall_s:.1f}s, {t.get('written_now', 0) / self.wall_s:.2f} images/s written"
@@ -110,6 +124,57 @@ def prepare(cfg: PipelineConfig, run: Path, files: list[Path]) -> int:
     kept = write_download_input(merged, target)
     write_json_atomic(marker, {"input_rows": n_rows, "kept": kept, "filtered": len(fails)})
     return n_rows
+
+
+def start_download(
+    downloader: Downloader, input_parquet: Path, download_dir: Path, ray_address: str | None = None
+) -> threading.Thread:
+    """Run img2dataset in its own process (it installs signal handlers, which only the main
+    thread of a process may do), watched by a thread of this one, so that the graph can label
+    each shard as soon as it is complete. ``DOWNLOAD_DONE`` is written in ``download_dir`` when
+    it ends, with the error if it failed; then ``downloader.error`` holds that error (or None)
+    and ``downloader.finished_at`` the time. ``ray_address``: the cluster img2dataset's Ray
+    distributor joins."""
+    import multiprocessing
+
+    download_dir.mkdir(parents=True, exist_ok=True)
+    (download_dir / DOWNLOAD_DONE).unlink(missing_ok=True)
+    downloader.error, downloader.finished_at = None, None
+    args = (downloader.cfg.model_dump(), downloader.samples_per_shard, downloader.image_size)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_download_process,
+        args=(*args, str(input_parquet), str(download_dir), ray_address),
+        name="img2dataset",
+    )
+    proc.start()
+
+    def watch():
+        proc.join()
+        marker = download_dir / DOWNLOAD_DONE
+        if not marker.exists():  # killed before it could say so
+            write_json_atomic(marker, {"error": f"img2dataset process died (exit code {proc.exitcode})"})
+        downloader.error = json.loads(marker.read_text()).get("error")
+        downloader.finished_at = time.time()
+
+    thread = threading.Thread(target=watch, name="img2dataset-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _download_process(
+    cfg: dict, per_shard: int, image_size: int, input_parquet: str, folder: str, ray_address
+):
+    """The download process: img2dataset, then the done marker (with the error, if any)."""
+    error = None
+    try:
+        if cfg.get("distributor") == "ray":
+            import ray
+
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        Downloader(DownloadConfig(**cfg), per_shard, image_size)(input_parquet, folder)
+    except BaseException as e:  # the driver raises it again from the marker
+        error = f"{type(e).__name__}: {e}"
+    write_json_atomic(Path(folder) / DOWNLOAD_DONE, {"error": error})
 
 
 def collect_totals(run: Path, input_rows: int) -> dict:
@@ -175,31 +240,53 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
     write_json_atomic(manifest_path, manifest)
 
     input_rows = prepare(cfg, run, files)
-    log(f"input: {input_rows} rows; downloading with img2dataset ...")
     if cfg.download.distributor == "ray":
         init_ray(cfg)  # img2dataset's Ray distributor uses the Ray we join (a cluster under ray job submit)
-    downloads = Downloader(cfg.download, cfg.output.samples_per_shard, cfg.decode.image_size)(
-        run / "work" / "download_input.parquet", run / "downloads"
-    )
     shard_dir = run / "shards"
     removed = remove_incomplete(shard_dir)
     if removed:
         log(f"removed {len(removed)} incomplete files from an interrupted run")
     done = set(complete_shards(shard_dir))
-    pending = {sid: stem for sid, stem in downloads.items() if sid not in done}
-    log(f"shards: {len(downloads)} downloaded, {len(done)} already complete, {len(pending)} to process")
-    assembler = ShardAssembler(
-        shard_dir, {sid: shard_row_count(stem) for sid, stem in pending.items()}, provenance
-    )
-    executor = run_ray if cfg.ray.executor == "ray" else run_local
+    kept = json.loads((run / "work" / "prepared.json").read_text())["kept"]
+    expected = expected_shards(kept, cfg.output.samples_per_shard)
+    pending = {sid: n for sid, n in expected.items() if sid not in done}
+    log(f"input: {input_rows} rows, {kept} to download in {len(expected)} shards "
+        f"({len(done)} already complete, {len(pending)} to process)")  # fmt: skip
+    downloads = run / "downloads"
+    tracker = ShardTracker(pending)
+    timing = {"started": time.time()}
+
+    def on_shard(sid: int) -> None:
+        timing.setdefault("first_shard", time.time())
+        log(f"shard {sid:05d} written")
+
     if pending:
-        executor(cfg, list(pending.values()), assembler, on_shard=lambda s: log(f"shard {s:05d} written"))
-    if assembler.missing():
-        raise RuntimeError(f"rows missing after the graph finished: {assembler.missing()}")
+        # img2dataset runs alongside the graph, which takes each shard as soon as it is complete
+        downloader = Downloader(cfg.download, cfg.output.samples_per_shard, cfg.decode.image_size)
+        ray_address = None
+        if cfg.download.distributor == "ray":
+            import ray
+
+            ray_address = ray.get_runtime_context().gcs_address
+        thread = start_download(downloader, run / "work" / "download_input.parquet", downloads, ray_address)
+        executor = run_ray if cfg.ray.executor == "ray" else run_local
+        try:
+            stems = [downloads / f"{sid:05d}" for sid in sorted(pending)]
+            executor(cfg, stems, tracker, shard_dir, provenance, on_shard=on_shard)
+        finally:
+            thread.join()
+        if downloader.error is not None:
+            raise RuntimeError(f"img2dataset failed: {downloader.error}")
+        timing["download_end"] = downloader.finished_at
+    if tracker.missing():
+        raise RuntimeError(f"rows missing after the graph finished: {tracker.missing()}")
 
     totals = collect_totals(run, input_rows)
-    totals["written_now"] = assembler.outcomes.get("written", 0)
+    totals["written_now"] = tracker.outcomes.get("written", 0)
     manifest.update(finished=True, shards=[f"{s:05d}" for s in complete_shards(shard_dir)], totals=totals)
     write_json_atomic(manifest_path, manifest)
-    rates = {s: assembler.stage_rows[s] / sec for s, sec in assembler.stage_seconds.items() if sec > 0}
-    return RunSummary(run, totals, assembler.written, rates, time.perf_counter() - started)
+    rates = {s: tracker.stage_rows[s] / sec for s, sec in tracker.stage_seconds.items() if sec > 0}
+    overlap = {
+        k: round(timing[k] - timing["started"], 2) for k in ("first_shard", "download_end") if timing.get(k)
+    }
+    return RunSummary(run, totals, tracker.written, rates, time.perf_counter() - started, overlap=overlap)

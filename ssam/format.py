@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 PIPELINE_VERSION = "0.1.0"
 SHARD_DIGITS = 5
 MANIFEST = "manifest.json"
+PARTS_DIR = "_parts"  # per-batch parts of shards being written (stages/write.py); never read as output
 
 ANNOTATION_SCHEMA = pa.schema(
     [
@@ -242,14 +243,18 @@ def complete_shards(out_dir: str | os.PathLike) -> list[int]:
 
 
 def remove_incomplete(out_dir: str | os.PathLike) -> list[str]:
-    """Delete temporary directories and shard files without a commit marker; return their names."""
+    """Delete temporary directories, parts and shard files without a commit marker; return their names."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
     done = {shard_name(i) for i in complete_shards(out)}
     removed = []
     for p in sorted(out.iterdir()):
-        if p.name.startswith(".tmp-") and p.is_dir():
+        if p.name == PARTS_DIR and p.is_dir():  # parts of an interrupted run: its rows are redone
+            for d in sorted(p.iterdir()):
+                removed.append(f"{PARTS_DIR}/{d.name}")
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".tmp-") and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
         elif p.name[:SHARD_DIGITS].isdigit() and p.name.split(".")[0] not in done:

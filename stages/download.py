@@ -12,6 +12,7 @@ their bytes, the failures with img2dataset's error message -- so every row reach
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 import time
@@ -172,9 +173,44 @@ def read_downloaded_shard(shard_stem: Path) -> dict[str, list]:
     return out
 
 
+DOWNLOAD_DONE = "download.done.json"  # written beside the shards when img2dataset has returned
+
+
+def expected_shards(n_rows: int, samples_per_shard: int) -> dict[int, int]:
+    """The shards img2dataset makes of ``n_rows`` input rows, ``{id: rows}``: it cuts its input
+    into consecutive runs of ``samples_per_shard`` rows, numbered from 0, and writes every row
+    of a run (fetched or failed) into that shard's parquet."""
+    n = -(-n_rows // samples_per_shard)
+    return {i: min(samples_per_shard, n_rows - i * samples_per_shard) for i in range(n)}
+
+
+def wait_for_shard(shard_stem: Path, poll_s: float = 0.5) -> None:
+    """Block until img2dataset has finished shard ``shard_stem`` (its ``_stats.json`` exists).
+
+    Raises:
+        RuntimeError: the download ended (its done marker exists) without this shard, or failed.
+    """
+    stats = shard_stem.parent / f"{shard_stem.name}_stats.json"
+    done = shard_stem.parent / DOWNLOAD_DONE
+    while not stats.exists():
+        if done.exists():
+            if stats.exists():
+                break
+            error = json.loads(done.read_text()).get("error")
+            raise RuntimeError(
+                f"the download ended without shard {shard_stem.name}"
+                + (f": img2dataset failed: {error}" if error else "")
+            )
+        time.sleep(poll_s)
+
+
 def read_shard_batch(batch: dict) -> dict[str, list]:
-    """Ray Data UDF (a task): a batch of ``{"shard_stem": [...]}`` -> all rows of those shards."""
-    parts = [read_downloaded_shard(Path(s)) for s in batch["shard_stem"]]
+    """Ray Data UDF (a task): a batch of ``{"shard_stem": [...]}`` -> all rows of those shards,
+    each read as soon as img2dataset has finished it (the download runs alongside the graph)."""
+    parts = []
+    for s in batch["shard_stem"]:
+        wait_for_shard(Path(s))
+        parts.append(read_downloaded_shard(Path(s)))
     return {k: [v for p in parts for v in p[k]] for k in parts[0]} if parts else {}
 
 

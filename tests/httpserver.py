@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -12,14 +13,16 @@ class ImageServer:
     Binds 127.0.0.1 on a free port; stopped on exit.
     """
 
-    def __init__(self, routes: dict[str, tuple[int, str, bytes]]):
+    def __init__(self, routes: dict[str, tuple[int, str, bytes]], delays: dict[str, float] | None = None):
         self.routes = routes
+        self.delays = delays or {}  # path -> seconds to wait before answering
         self.hits: dict[str, int] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 -- http.server's naming
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                time.sleep(server.delays.get(self.path, 0))
                 status, ctype, body = server.routes.get(self.path, (404, "text/plain", b"not found"))
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)

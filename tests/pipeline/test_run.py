@@ -200,6 +200,9 @@ def test_killed_run_resumes_with_the_same_keys_none_twice(tmp_path, ray_loopback
     assert 1 <= len(done_at_kill) < 3, done_at_kill  # killed mid-run (12 rows, 4 per shard)
     (run / "shards" / "00002.tar").write_bytes(b"half a shard")  # as if killed while writing
     (run / "shards" / ".tmp-00002-dead").mkdir()
+    stale = run / "shards" / "_parts" / "00002"  # a part of a shard whose rows are redone
+    stale.mkdir(parents=True, exist_ok=True)
+    (stale / "0123.parquet").write_bytes(b"not a part")
 
     cfg = load_config(
         SMOKE, [f"output.dir={run}", f"input.path={REPO / 'sample/pairs.parquet'}"]
@@ -212,3 +215,4 @@ def test_killed_run_resumes_with_the_same_keys_none_twice(tmp_path, ray_loopback
     )
     assert sorted(keys) == expected and len(keys) == len(set(keys)) == 12
     assert not list((run / "shards").glob(".tmp-*")) and validate_run(run) == []
+    assert not (run / "shards" / "_parts").exists()

@@ -1,0 +1,126 @@
+"""The data plane: shards written by the workers (the driver sees only keys), labelling that
+starts with the first downloaded shard, and parts that stay exactly-once under retries."""
+
+import json
+
+import httpserver
+import imagefiles
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO
+
+from ssam.format import PARTS_DIR, iter_run_samples, remove_incomplete, validate_run
+from ssam.pipeline import run as run_mod
+from ssam.pipeline.config import load_config
+from ssam.pipeline.run import run_pipeline
+from ssam.stages.common import OK
+from ssam.stages.write import PART_SCHEMA, ShardTracker, finalize_shard, part_dir, write_parts
+
+SMOKE = REPO / "configs/pipeline/smoke.yaml"
+
+
+def pairs(tmp_path, urls):
+    path = tmp_path / "pairs.parquet"
+    n = len(urls)
+    pq.write_table(
+        pa.table({"URL": urls, "TEXT": [f"a photo of a dog {i}" for i in range(n)], "WIDTH": [640] * n,
+                  "HEIGHT": [480] * n}),
+        path,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.slow
+def test_workers_write_the_shards_and_the_driver_sees_only_keys(tmp_path, ray_loopback, monkeypatch):
+    routes = {f"/{i}.jpg": (200, "image/jpeg", imagefiles.jpeg(120 + 10 * i)) for i in range(6)}
+    seen_columns, received = set(), []
+
+    class Recording(ShardTracker):
+        def add(self, parts):
+            seen_columns.update(parts)
+            received.append(sum(len(json.dumps([str(v) for v in vs])) for vs in parts.values()))
+            return super().add(parts)
+
+    monkeypatch.setattr(run_mod, "ShardTracker", Recording)
+    with httpserver.ImageServer(routes) as srv:
+        cfg = load_config(
+            SMOKE,
+            [
+                f"input.path={pairs(tmp_path, [srv.url(f'/{i}.jpg') for i in range(6)])}",
+                f"output.dir={tmp_path / 'run'}",
+                "download.allow_private_hosts=true",
+                "output.samples_per_shard=2",
+            ],
+        )
+        summary = run_pipeline(cfg, log=lambda m: None)
+    assert summary.totals["written"] == 6 and validate_run(tmp_path / "run") == []
+    # The driver received the parts' keys and names, never a row's image, masks or embedding.
+    assert seen_columns == {"shard_id", "part", "keys_json"}
+    output = sum(p.stat().st_size for p in (tmp_path / "run/shards").iterdir())
+    assert sum(received) < 0.01 * output
+    assert not (tmp_path / "run/shards" / PARTS_DIR).exists()  # parts are gone once shards are written
+
+
+def test_labelling_starts_before_the_download_ends(tmp_path):
+    # Three shards of two photos; the last shard's photos are served 12 s late, so the download
+    # cannot end before the first shard could be labelled and written -- if the graph streams.
+    routes = {f"/{i}.jpg": (200, "image/jpeg", imagefiles.jpeg(120 + 10 * i)) for i in range(6)}
+    with httpserver.ImageServer(routes, {"/4.jpg": 12.0, "/5.jpg": 12.0}) as srv:
+        cfg = load_config(
+            SMOKE,
+            [
+                f"input.path={pairs(tmp_path, [srv.url(f'/{i}.jpg') for i in range(6)])}",
+                f"output.dir={tmp_path / 'run'}",
+                "download.allow_private_hosts=true",
+                "download.timeout_s=30",
+                "output.samples_per_shard=2",
+                "ray.executor=local",
+            ],
+        )
+        lines = []
+        summary = run_pipeline(cfg, log=lines.append)
+    assert summary.totals["written"] == 6
+    assert summary.overlap["first_shard"] < summary.overlap["download_end"], summary.overlap
+    assert any(line.startswith("first shard written after") for line in summary.lines())
+
+
+def _row(key: str, sid: int, ok: bool) -> dict:
+    return {
+        "key": key, "shard_id": sid, "url": f"http://x/{key}.jpg", "caption": "a dog", "sha256": "",
+        "status": OK if ok else "decode_failed", "fail_stage": "" if ok else "decode",
+        "fail_detail": "" if ok else "truncated", "jpeg": imagefiles.jpeg(64) if ok else b"",
+        "width": 64, "height": 64, "candidates_json": "[]", "annotations_json": "[]", "emb": b"",
+        "t_decode": 0.01, "t_candidates": 0.0, "t_masks": 0.0, "t_labels": 0.0,
+    }  # fmt: skip
+
+
+def _batch(rows):
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def test_parts_are_exactly_once_under_retries_and_removed_when_interrupted(tmp_path):
+    shards = tmp_path / "shards"
+    a = [_row("000000000", 0, True), _row("000000001", 0, False)]
+    b = [_row("000000002", 0, True)]
+    tracker = ShardTracker({0: 3})
+    assert tracker.add(write_parts(_batch(a), str(shards), {"smoke": True})) == []
+    # A retried task writes the same rows again: the same part name, no second copy, no new keys.
+    assert tracker.add(write_parts(_batch(a), str(shards), {"smoke": True})) == []
+    assert len(list(part_dir(shards, 0).glob("*.parquet"))) == 1
+    assert tracker.add(write_parts(_batch(b), str(shards), {"smoke": True})) == [0]
+    assert pq.read_schema(next(part_dir(shards, 0).glob("*.parquet"))) == PART_SCHEMA
+    tracker.record(finalize_shard(str(shards), 0, {"smoke": True}))
+    assert tracker.missing() == {} and tracker.outcomes == {"written": 2, "decode_failed": 1}
+    keys = [k for k, _, _ in iter_run_samples(tmp_path)]
+    assert keys == ["000000000", "000000002"]
+    failures = pq.read_table(shards / "00000.failures.parquet").to_pylist()
+    assert [(f["key"], f["reason"]) for f in failures] == [("000000001", "decode_failed")]
+    assert not part_dir(shards, 0).exists()
+
+    # An interrupted run leaves parts of shard 1: they are removed before the next run, as is
+    # any shard file without its commit marker.
+    write_parts(_batch([_row("000010000", 1, True)]), str(shards), {"smoke": True})
+    removed = remove_incomplete(shards)
+    assert removed == [f"{PARTS_DIR}/00001"] and not (shards / PARTS_DIR).exists()
+    assert (shards / "00000.stats.json").exists()
