@@ -2,7 +2,9 @@
 
 - ``transformers``: any HF causal LM id or local directory, batched ``generate`` with left padding,
   the model's chat template when it has one. CPU or GPU.
-- ``vllm``: ``vllm.LLM`` for GPU clusters (optional extra ``[vllm]``; imported only here).
+- ``vllm``: ``vllm.LLM`` for GPU clusters (optional extra ``[vllm]``; imported only here). With
+  ``structured_output`` (the default) its answers are constrained to a JSON list of strings by
+  vLLM's structured outputs (guided decoding), and the prompt asks for one.
 - ``none``: no LLM; the candidates stage then uses caption nouns and the vocabulary alone.
 
 ``smoke`` as a model id builds (once, into the cache) a 2-layer random GPT-2 with a byte-level
@@ -21,6 +23,13 @@ from ssam.io import atomic_path
 from ssam.weights import WeightsUnavailable, cache_dir, offline
 
 SMOKE_LLM = "smoke"
+# The answer shape structured output asks for: a JSON list of short strings.
+JSON_LIST_SCHEMA = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1, "maxLength": 48},
+    "maxItems": 32,
+}
+JSON_LIST_INSTRUCTION = 'Answer with a JSON list of strings, for example ["lamp", "table"].'
 
 
 class Generator(Protocol):
@@ -145,6 +154,21 @@ class TransformersGenerator:
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
+def json_schema_sampling_kwargs(schema: dict) -> dict:
+    """The ``SamplingParams`` keyword that constrains output to ``schema``, as the installed vLLM spells it.
+
+    vLLM >= 0.10.2: ``structured_outputs=StructuredOutputsParams(json=...)``; before (0.6.3 to
+    0.11): ``guided_decoding=GuidedDecodingParams(json=...)``.
+    """
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+    return {"structured_outputs": StructuredOutputsParams(json=schema)}
+
+
 class VllmGenerator:
     """vLLM offline batched generation on GPUs (``pip install .[vllm]``)."""
 
@@ -157,6 +181,7 @@ class VllmGenerator:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         dtype: str = "auto",
+        structured_output: bool = True,
     ):
         try:
             from vllm import LLM, SamplingParams
@@ -171,11 +196,25 @@ class VllmGenerator:
             dtype=dtype,
             seed=seed,
         )
-        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        self.provenance = {"backend": "vllm", "model": model, "smoke": model == SMOKE_LLM}
+        self.structured = structured_output
+        constraint = json_schema_sampling_kwargs(JSON_LIST_SCHEMA) if structured_output else {}
+        self.params = SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, seed=seed, **constraint
+        )
+        self.provenance = {
+            "backend": "vllm",
+            "model": model,
+            "smoke": model == SMOKE_LLM,
+            "structured_output": "json_list" if structured_output else None,
+        }
+
+    def messages(self, prompts: list[str]) -> list[list[dict]]:
+        """One chat per prompt; with structured output the prompt also asks for the JSON list."""
+        suffix = f" {JSON_LIST_INSTRUCTION}" if self.structured else ""
+        return [[{"role": "user", "content": p + suffix}] for p in prompts]
 
     def generate(self, prompts: list[str]) -> list[str]:
-        msgs = [[{"role": "user", "content": p}] for p in prompts]
+        msgs = self.messages(prompts)
         outs = self.llm.chat(msgs, self.params, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
@@ -184,6 +223,7 @@ class VllmGenerator:
 def _transformers(model: str, **kw) -> Generator:
     kw.pop("tensor_parallel_size", None)
     kw.pop("gpu_memory_utilization", None)
+    kw.pop("structured_output", None)  # free text; the parser reads any list shape
     return TransformersGenerator(model, **kw)
 
 

@@ -6,6 +6,7 @@ Examples::
     ssam-pipeline run configs/pipeline/laion-gpu.yaml --input 's3://bucket/laion/*.parquet' --output /data/run1
     ssam-pipeline run configs/pipeline/smoke.yaml --set masks.points_per_side=8 --set ray.executor=local
     ssam-pipeline validate runs/smoke
+    ssam-pipeline candidates "a woman with a pram and a BlackBerry phone" --vocabulary lvis
     ray job submit --working-dir . -- ssam-pipeline run configs/pipeline/laion-gpu.yaml
 
 Exit status: 0 the run finished (rows may have failed; see the summary), 2 bad config or input,
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", action="append", default=[], help="sample key to draw (repeatable; default: all)")
     s.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/overlays)")
     sub.add_parser("config-reference", help="print every config key as a Markdown table")
+    from .candidates_cli import add_parser as add_candidates_parser
+
+    add_candidates_parser(sub)
     return p
 
 
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(args)
     if args.command == "show":
         return cmd_show(args)
+    if args.command == "candidates":
+        from .candidates_cli import main as candidates_main
+
+        return candidates_main(args)
     from .config import config_reference
 
     print("| key | type | default | description |\n|---|---|---|---|")

@@ -122,6 +122,15 @@ class PipelineConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = Field(0, description="seed for smoke weights and LLM sampling")
 
+    @model_validator(mode="after")
+    def _background(self):
+        # candidates.background_labels keeps such words off the candidate lists; the labels stage
+        # scores every mask against them too, as "no object" (beside labels.background_labels).
+        extra = [b for b in self.candidates.background_labels if b not in self.labels.background_labels]
+        if extra:
+            self.labels.background_labels = [*self.labels.background_labels, *extra]
+        return self
+
     @property
     def smoke(self) -> bool:
         """True when any model is a random smoke model: the output is then meaningless."""

@@ -127,11 +127,20 @@ def test_full_graph_on_ray_accounts_for_every_row(served, tmp_path, ray_loopback
     assert "caf" in samples[srv.url("/rotated.jpg")][0]["image"]["caption"]
     assert samples[srv.url("/no-caption.jpg")][0]["candidates"] == []
     photo, emb = samples[dup_url]
-    assert photo["candidates"][0] == {"label": "flag", "source": "caption"}
+    # "an astronaut with a flag": the astronaut is LVIS's person (a synonym), with the words it came from
+    assert photo["candidates"] == [
+        {
+            "label": "person",
+            "source": "caption",
+            "category_id": 793,
+            "words": ["astronaut"],
+            "template": None,
+        },
+        {"label": "flag", "source": "caption", "category_id": 451, "words": ["flag"], "template": None},
+    ]
     assert photo["provenance"]["smoke"] is True and photo["provenance"]["sam"]["name"] == "smoke"
-    assert all(a["label"] == "flag" for a in photo["annotations"]) and emb.shape[0] == len(
-        photo["annotations"]
-    )
+    assert {a["label"] for a in photo["annotations"]} <= {"person", "flag"}
+    assert emb.shape[0] == len(photo["annotations"])
     reasons = {
         r
         for t in [pq.read_table(p) for p in (tmp_path / "run/shards").glob("*.failures.parquet")]
