@@ -89,12 +89,29 @@ class Stage:
     """
 
     name: str = ""
+    batch_attempts: int = 2  # a batch whose stage raises outside the per-row guard is tried again once
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     drops: tuple[str, ...] = ()
 
     def process(self, batch: dict[str, list]) -> None:
         raise NotImplementedError
+
+    def _process_with_retries(self, batch: dict[str, list]) -> dict[str, list]:
+        """:meth:`process` on a copy of the batch; an exception that escapes it (outside the
+        per-row guard: a model call on the whole batch, say) is retried on a fresh copy, and after
+        ``batch_attempts`` its rows become ``stage_error`` failure records, never a dead run."""
+        error: Exception | None = None
+        for _ in range(self.batch_attempts):
+            work = {k: list(v) for k, v in batch.items()}
+            try:
+                self.process(work)
+                return work
+            except StageContractError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- recorded on every row of the batch below
+                error = e
+        return _fail_batch(self, batch, error)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         started = time.perf_counter()
@@ -104,12 +121,25 @@ class Stage:
             raise StageContractError(
                 f"stage {self.name!r} reads columns {missing} that the batch lacks (it has {sorted(out)})"
             )
-        self.process(out)
+        out = self._process_with_retries(out)
         absent = [c for c in self.writes if c not in out] + [c for c in self.drops if c in out]
         if absent:
             raise StageContractError(f"stage {self.name!r} broke its contract on columns {absent}")
         record_time(out, self.name, started)
         return out
+
+
+def _fail_batch(stage: Stage, batch: dict[str, list], error: Exception) -> dict[str, list]:
+    """Every ok row of a batch its stage could not process becomes a ``stage_error`` record."""
+    n = batch_len(batch)
+    for col in stage.writes:
+        batch.setdefault(col, [None] * n)
+    for col in stage.drops:
+        batch.pop(col, None)
+    detail = f"batch of {n} failed {stage.batch_attempts} times: {type(error).__name__}: {error}"
+    for i in ok_indices(batch):
+        mark_failed(batch, i, stage.name, "stage_error", detail)
+    return batch
 
 
 def record_time(batch: dict[str, list], stage: str, started: float) -> None:

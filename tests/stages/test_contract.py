@@ -64,3 +64,64 @@ def test_local_executor_gives_each_stage_its_own_batch_size():
     assert first.sizes == [4, 4, 2] and second.sizes == [3, 3, 3, 1]
     assert out["key"] == batch["key"]  # every row, in order
     assert len(out["t_recorder"]) == 10
+
+
+class Flaky(Stage):
+    """Raises on the whole batch for its first ``fails`` calls (a model call, not a row)."""
+
+    name, reads, writes = "flaky", ("key",), ("out",)
+
+    def __init__(self, fails: int):
+        self.fails = fails
+
+    def process(self, batch):
+        batch["out"] = [f"{k}!" for k in batch["key"]]  # written before the failure: must not leak
+        if self.fails:
+            self.fails -= 1
+            raise RuntimeError("device lost")
+
+
+def _rows():
+    return {
+        "key": ["a", "b", "c"],
+        "status": ["ok", "decode_failed", "ok"],
+        "fail_stage": ["", "decode", ""],
+        "fail_detail": ["", "truncated", ""],
+    }
+
+
+def test_a_batch_that_raises_is_retried_then_its_rows_become_failure_records():
+    once = Flaky(fails=1)(_rows())
+    assert once["status"] == ["ok", "decode_failed", "ok"] and once["out"] == ["a!", "b!", "c!"]
+
+    always = Flaky(fails=99)(_rows())
+    assert always["status"] == ["stage_error", "decode_failed", "stage_error"]
+    assert always["fail_stage"] == ["flaky", "decode", "flaky"]
+    assert always["fail_detail"][0] == "batch of 3 failed 2 times: RuntimeError: device lost"
+    assert always["fail_detail"][1] == "truncated"  # an earlier failure keeps its own record
+    assert always["out"] == [None, None, None]  # the declared column exists, half-written values do not
+
+
+def test_a_stage_that_always_raises_does_not_stop_the_run(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    from ssam.format import iter_run_samples
+    from ssam.pipeline.config import load_config
+    from ssam.pipeline.run import run_pipeline
+    from ssam.stages.labels import LabelStage
+
+    def broken(self, batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(LabelStage, "process", broken)
+    cfg = load_config(
+        REPO / "configs/pipeline/smoke.yaml",
+        [
+            f"output.dir={tmp_path / 'run'}",
+            f"input.path={REPO / 'sample/pairs.parquet'}",
+            "ray.executor=local",
+        ],
+    )
+    summary = run_pipeline(cfg, log=lambda m: None)
+    assert summary.totals["input_rows"] == 12 and summary.totals["by_reason"] == {"stage_error": 12}
+    assert list(iter_run_samples(tmp_path / "run")) == []
