@@ -33,7 +33,8 @@ from ssam.pipeline.config import load_config
 from ssam.pipeline.run import run_pipeline
 cfg = load_config(sys.argv[1], sys.argv[2:])
 s = run_pipeline(cfg, log=lambda m: None)
-print("RESULT " + json.dumps({"totals": s.totals, "rates": s.stage_rows_per_s, "wall_s": s.wall_s}))
+print("RESULT " + json.dumps({"totals": s.totals, "rates": s.stage_rows_per_s, "wall_s": s.wall_s,
+                              "overlap": s.overlap}))
 """
 
 
@@ -68,16 +69,20 @@ def run(input_path: Path, out: Path, executor: str) -> dict:
     cmd = [sys.executable, "-c", CHILD, str(REPO / "configs/pipeline/smoke.yaml"), *overrides]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
-    ps, peak = psutil.Process(proc.pid), 0
+    ps, peak, driver_peak = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         peak = max(peak, tree_rss(ps))
+        try:
+            driver_peak = max(driver_peak, ps.memory_info().rss)
+        except psutil.Error:
+            pass
         time.sleep(0.2)
     wall = time.perf_counter() - started
     lines = [line for line in proc.stdout.read().splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"run failed ({executor}, {input_path}): exit {proc.returncode}")
     result = json.loads(lines[-1][len("RESULT ") :])
-    return dict(result, process_wall_s=wall, peak_rss_mb=peak / 2**20)
+    return dict(result, process_wall_s=wall, peak_rss_mb=peak / 2**20, driver_peak_rss_mb=driver_peak / 2**20)
 
 
 def main() -> None:
@@ -110,6 +115,12 @@ def main() -> None:
         },
         "peak_rss_ratio_4N_over_N": ray_4n["peak_rss_mb"] / ray_n["peak_rss_mb"],
         "ray_4N_time_ratio": ray_4n["process_wall_s"] / ray_n["process_wall_s"],
+        "driver_peak_rss_mb": {"ray_N": ray_n["driver_peak_rss_mb"], "ray_4N": ray_4n["driver_peak_rss_mb"]},
+        "driver_bytes_per_output_byte": {
+            "ray_N": ray_n["totals"]["driver_bytes_per_output_byte"],
+            "ray_4N": ray_4n["totals"]["driver_bytes_per_output_byte"],
+        },
+        "seconds_to_first_shard_vs_download_end": {"ray_N": ray_n["overlap"], "ray_4N": ray_4n["overlap"]},
     }
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"images: N={n}, 4N={report['images']['4N']} (smoke models, CPU)")
@@ -124,6 +135,14 @@ def main() -> None:
         f"-> x{report['peak_rss_ratio_4N_over_N']:.2f} for x{args.repeat_4n} the images "
         f"(time x{report['ray_4N_time_ratio']:.2f}); sequential loop N {local_n['peak_rss_mb']:.0f} MB"
     )
+    d = report["driver_peak_rss_mb"]
+    print(
+        f"driver peak RSS: N {d['ray_N']:.0f} MB, 4N {d['ray_4N']:.0f} MB -> x{d['ray_4N'] / d['ray_N']:.2f}"
+    )
+    b = report["driver_bytes_per_output_byte"]
+    print(f"bytes sent to the driver per output byte: N {b['ray_N']:.5f}, 4N {b['ray_4N']:.5f}")
+    o = report["seconds_to_first_shard_vs_download_end"]
+    print(f"first shard written / download end (s from start): N {o['ray_N']}, 4N {o['ray_4N']}")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,12 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
 
     totals = collect_totals(run, input_rows)
     totals["written_now"] = tracker.outcomes.get("written", 0)
+    written_bytes = sum(
+        (shard_dir / f"{sid:05d}{suffix}").stat().st_size
+        for sid in tracker.written
+        for suffix in (".tar", ".parquet", ".failures.parquet", ".stats.json")
+    )
+    totals["driver_bytes_per_output_byte"] = round(tracker.received_bytes / max(written_bytes, 1), 6)
     manifest.update(finished=True, shards=[f"{s:05d}" for s in complete_shards(shard_dir)], totals=totals)
     write_json_atomic(manifest_path, manifest)
     rates = {s: tracker.stage_rows[s] / sec for s, sec in tracker.stage_seconds.items() if sec > 0}

@@ -172,6 +172,7 @@ class ShardTracker:
         self.expected = dict(expected_rows)
         self.keys: dict[int, set[str]] = defaultdict(set)
         self.finalizing: set[int] = set()
+        self.received_bytes = 0  # what the driver was sent (keys and part names), for the summary
         self.written: list[int] = []
         self.outcomes: Counter = Counter()
         self.stage_seconds: Counter = Counter()
@@ -180,6 +181,7 @@ class ShardTracker:
     def add(self, parts: dict[str, Any]) -> list[int]:
         """Record written parts (``write_parts``' output); return the shards that are now complete."""
         cols = {k: as_list(v) for k, v in parts.items()}
+        self.received_bytes += sum(len(str(v)) for vs in cols.values() for v in vs)
         done = []
         for sid, keys in zip(cols.get("shard_id", []), cols.get("keys_json", []), strict=True):
             sid = int(sid)
