@@ -17,6 +17,10 @@ cd /tmp  # the repo's own ssam/ folder would shadow the package put together in 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, ssam.model.amg, ssam.stages.masks; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 
+# 0. where the masks engine's 0.29 s/image (vit_h, threshold 0) goes: phases and top CUDA ops
+timeout 90 python3 "$REPO/benchmarks/profile_masks.py" --device cuda --sam vit_h --images 8 \
+    --out "$OUT/profile_vit_h.json" 2>&1 | grep -v -i warn | tail -60
+
 # 1. vit_h + ViT-L-14: the whole label path's images/s and peak memory, bf16 vs fp32 mask
 #    agreement, the labels pair and the pipeline's stages (the reference masks engine at
 #    threshold 0 with vit_h takes minutes, so only the batched one is timed here)

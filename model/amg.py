@@ -38,6 +38,7 @@ from segment_anything.utils.amg import (
     uncrop_masks,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch.profiler import record_function
 from torchvision.ops import batched_nms
 
 from ssam.oom import Failed, run_halving_on_oom
@@ -295,7 +296,9 @@ class MaskEngine:
         feats = [features[i] if layer == 0 else None for i, _, layer in jobs]
         todo = [j for j, f in enumerate(feats) if f is None]
         crops = [images[i][y0:y1, x0:x1] for i, (x0, y0, x1, y1), _ in (jobs[j] for j in todo)]
-        for j, f in zip(todo, self.encode(crops), strict=True):
+        with record_function("amg.encode"):
+            encoded = self.encode(crops)
+        for j, f in zip(todo, encoded, strict=True):
             feats[j] = f
         feats_jchw = torch.cat([f.reshape(1, *f.shape[-3:]).to(dev, torch.float32) for f in feats])
 
@@ -315,7 +318,7 @@ class MaskEngine:
             first, last = int(prompt_job[a]), int(prompt_job[b - 1])
             f = feats_jchw[first : first + 1] if first == last else feats_jchw[prompt_job_t[a:b]]
             labels = torch.ones(b - a, 1, dtype=torch.int, device=dev)
-            with self._autocast():
+            with self._autocast(), record_function("amg.decode"):
                 out = decode_prompts(self.model, f, coords_t[a:b, None], labels)
             # The three multimask outputs, flattened prompt-major like the generator's.
             low, iou = out[0][:, 1:].float().flatten(0, 1), out[1][:, 1:].float().flatten()
@@ -329,14 +332,16 @@ class MaskEngine:
                 # At most points_per_batch masks upscaled at once: a third of the generator's peak.
                 for idx in (ok & (prompt_job_t[prompt] == j)).nonzero()[:, 0].split(s.points_per_batch):
                     chunk = (low[idx], iou[idx], prompt[idx], [x[idx] for x in extras])
-                    parts.append(self._survivors(images, jobs, j, *chunk))
+                    with record_function("amg.survivors"):
+                        parts.append(self._survivors(images, jobs, j, *chunk))
         if not parts:
             return [
                 self._image_result(im.shape[:2], [], {}, jobs, points, return_masks, dim) for im in images
             ]
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         cat["job"] = prompt_job_t[cat["prompt"]]
-        return self._select(images, jobs, cat, points, return_masks, dim)
+        with record_function("amg.select"):
+            return self._select(images, jobs, cat, points, return_masks, dim)
 
     def _survivors(self, images, jobs, j, low_bhw, iou, prompt, extras) -> dict[str, torch.Tensor]:
         """Upscale one crop's IoU survivors; keep the stable, inner, big-enough ones as runs."""
