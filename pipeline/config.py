@@ -42,7 +42,9 @@ class InputColumns(Section):
 
 
 class InputConfig(Section):
-    path: list[str] = Field(..., description="parquet file(s), directory or glob of LAION-style pairs")
+    path: list[str] = Field(
+        ..., description="parquet file(s), directory or glob of LAION-style pairs; local or s3:// / gs://"
+    )
     columns: InputColumns = Field(
         default_factory=InputColumns, description="column names in the parquet (LAION's by default)"
     )
@@ -57,7 +59,9 @@ class InputConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = Field(..., description="run directory: shards/, downloads/, manifest.json")
+    dir: str = Field(
+        ..., description="run directory: shards/, downloads/, manifest.json; local or s3:// / gs://"
+    )
     samples_per_shard: int = Field(
         1000, ge=1, le=1_000_000, description="input rows per shard (download and output)"
     )

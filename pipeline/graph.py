@@ -11,7 +11,6 @@ objects one batch at a time in this process (tests, debugging, the benchmark's b
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from ssam.stages.candidates import CandidatesStage
 from ssam.stages.decode import DecodeStage
@@ -57,9 +56,9 @@ def _chunks(batch: dict[str, list], size: int):
 
 def run_local(
     cfg: PipelineConfig,
-    shard_stems: list[Path],
+    shard_stems: list[str],
     tracker: ShardTracker,
-    shard_dir: Path,
+    shard_dir: str,
     provenance: dict,
     on_shard: Callable[[int], None] = lambda s: None,
 ) -> None:
@@ -95,7 +94,7 @@ def init_ray(cfg: PipelineConfig) -> None:
         )
 
 
-def build_dataset(cfg: PipelineConfig, shard_stems: list[Path], shard_dir: Path, provenance: dict):
+def build_dataset(cfg: PipelineConfig, shard_stems: list[str], shard_dir: str, provenance: dict):
     """The lazy Ray Data graph over the given shards (nothing runs until consumed): read (tasks
     that wait for their shard's download), the stages' actor pools, then the write tasks, whose
     output is only each part's keys."""
@@ -134,9 +133,9 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[Path], shard_dir: Path,
 
 def run_ray(
     cfg: PipelineConfig,
-    shard_stems: list[Path],
+    shard_stems: list[str],
     tracker: ShardTracker,
-    shard_dir: Path,
+    shard_dir: str,
     provenance: dict,
     on_shard: Callable[[int], None] = lambda s: None,
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssam import storage
 from ssam.paths import expand_specs
 from ssam.stages.download import resolve_file_url
 
@@ -29,29 +30,42 @@ _TEXT = (
 _NUMBER = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 
 
-def resolve_inputs(paths: list[str]) -> list[Path]:
-    """Parquet files named by paths, directories or globs, in order; a spec naming none is an error."""
-    files: list[Path] = []
-    for spec, found in expand_specs(paths, (".parquet",)).items():
-        found = [f for f in found if f.exists()]
+def _expand_remote(spec: str) -> list[str]:
+    """An object-storage spec's parquet files: a glob's matches, a folder's parquets, or itself."""
+    if any(ch in spec for ch in "*?["):
+        return storage.glob(spec)
+    if storage.isdir(spec):
+        return storage.glob(storage.join(spec, "*.parquet"))
+    return [spec] if storage.exists(spec) else []
+
+
+def resolve_inputs(paths: list[str]) -> list[str]:
+    """Parquet files named by paths, directories or globs (local or object storage, e.g.
+    ``s3://bucket/laion/*.parquet``), in order; a spec naming none is an error."""
+    files: list[str] = []
+    remote = [p for p in paths if storage.is_remote(p)]
+    local = expand_specs([p for p in paths if not storage.is_remote(p)], (".parquet",))
+    for spec in paths:
+        found = _expand_remote(spec) if spec in remote else [str(f) for f in local[spec] if f.exists()]
         if not found:
             raise InputError(f"input {spec}: no parquet file found")
         files += found
     return files
 
 
-def _check_type(path: Path, column: str, typ: pa.DataType, kinds, expected: str) -> None:
+def _check_type(path: str, column: str, typ: pa.DataType, kinds, expected: str) -> None:
     if not any(k(typ) for k in kinds):
         raise InputError(f"{path}: column '{column}' has type {typ}, expected {expected}")
 
 
-def check_inputs(cfg: PipelineConfig) -> list[Path]:
+def check_inputs(cfg: PipelineConfig) -> list[str]:
     """Resolve and check every input file: readable parquet, url/caption columns present and typed."""
     cols = cfg.input.columns
     files = resolve_inputs(cfg.input.path)
     for f in files:
         try:
-            schema = pq.read_schema(f)
+            with storage.open_file(f) as fh:
+                schema = pq.read_schema(fh)
         except (OSError, pa.ArrowInvalid) as e:
             raise InputError(f"{f}: not a readable parquet file: {e}") from e
         for role, name in (("url", cols.url), ("caption", cols.caption)):
@@ -68,7 +82,7 @@ def check_inputs(cfg: PipelineConfig) -> list[Path]:
 
 
 def iter_input_batches(
-    cfg: PipelineConfig, files: list[Path], batch_rows: int = 8192
+    cfg: PipelineConfig, files: list[str], batch_rows: int = 8192
 ) -> Iterator[dict[str, list]]:
     """Rows in our column names (url, caption, width, ...) plus ``src_index`` and ``fetch_url``."""
     cols = cfg.input.columns
@@ -77,21 +91,25 @@ def iter_input_batches(
     }
     index, limit = 0, cfg.input.limit
     for f in files:
-        pf = pq.ParquetFile(f)
-        present = {r: n for r, n in roles.items() if n and n in pf.schema_arrow.names}
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=sorted(set(present.values()))):
-            data = rb.to_pydict()
-            n = rb.num_rows if limit is None else min(rb.num_rows, limit - index)
-            if n <= 0:
-                return
-            batch = {
-                r: data[name][:n] if name in present.values() else [None] * n
-                for r, name in ((r, present.get(r)) for r in roles)
-            }
-            batch["url"] = [u.decode("utf-8", "replace") if isinstance(u, bytes) else u for u in batch["url"]]
-            batch["src_index"] = list(range(index, index + n))
-            batch["fetch_url"] = [
-                resolve_file_url(u, f.parent.resolve()) if isinstance(u, str) else u for u in batch["url"]
-            ]
-            index += n
-            yield batch
+        with storage.open_file(f) as fh:
+            pf = pq.ParquetFile(fh)
+            base = None if storage.is_remote(f) else Path(f).parent.resolve()  # relative file: URLs
+            present = {r: n for r, n in roles.items() if n and n in pf.schema_arrow.names}
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=sorted(set(present.values()))):
+                data = rb.to_pydict()
+                n = rb.num_rows if limit is None else min(rb.num_rows, limit - index)
+                if n <= 0:
+                    return
+                batch = {
+                    r: data[name][:n] if name in present.values() else [None] * n
+                    for r, name in ((r, present.get(r)) for r in roles)
+                }
+                batch["url"] = [
+                    u.decode("utf-8", "replace") if isinstance(u, bytes) else u for u in batch["url"]
+                ]
+                batch["src_index"] = list(range(index, index + n))
+                batch["fetch_url"] = [
+                    resolve_file_url(u, base) if isinstance(u, str) and base else u for u in batch["url"]
+                ]
+                index += n
+                yield batch

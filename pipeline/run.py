@@ -16,6 +16,7 @@ nothing. The same ``output.dir`` with a different config is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 import time
@@ -26,8 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssam import storage
 from ssam.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete
-from ssam.io import atomic_path, write_json_atomic
 from ssam.stages.common import OK
 from ssam.stages.download import (
     DOWNLOAD_DONE,
@@ -48,7 +49,7 @@ from .preflight import check_models
 class RunSummary:
     """What a run did; ``totals['input_rows'] == written + failed`` always."""
 
-    run_dir: Path
+    run_dir: str
     totals: dict = field(default_factory=dict)
     shards_written_now: list[int] = field(default_factory=list)
     stage_rows_per_s: dict = field(default_factory=dict)
@@ -92,13 +93,13 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(cfg: PipelineConfig, run: Path, files: list[Path]) -> int:
+def prepare(cfg: PipelineConfig, run: str, files: list[str]) -> int:
     """Filter the input into ``work/download_input.parquet`` + ``filter.failures.parquet``; return input rows."""
-    target, failures_path = run / "work" / "download_input.parquet", run / "filter.failures.parquet"
-    marker = run / "work" / "prepared.json"
-    if marker.exists():
-        return json.loads(marker.read_text())["input_rows"]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = storage.join(run, "work", "download_input.parquet")
+    failures_path = storage.join(run, "filter.failures.parquet")
+    marker = storage.join(run, "work", "prepared.json")
+    if storage.exists(marker):
+        return storage.read_json(marker)["input_rows"]
     stage = FilterStage(cfg.filter, url_policy=cfg.download)
     merged: dict[str, list] = {k: [] for k in ("fetch_url", "caption", "url", "src_index", "status")}
     fails: list[dict] = []
@@ -119,15 +120,16 @@ def prepare(cfg: PipelineConfig, run: Path, files: list[Path]) -> int:
             for i, s in enumerate(out["status"])
             if s != OK
         ]
-    with atomic_path(failures_path) as tmp:
-        pq.write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA), tmp)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(fails, schema=FAILURE_SCHEMA), buf)
+    storage.write_bytes(failures_path, buf.getvalue())
     kept = write_download_input(merged, target)
-    write_json_atomic(marker, {"input_rows": n_rows, "kept": kept, "filtered": len(fails)})
+    storage.write_json(marker, {"input_rows": n_rows, "kept": kept, "filtered": len(fails)})
     return n_rows
 
 
 def start_download(
-    downloader: Downloader, input_parquet: Path, download_dir: Path, ray_address: str | None = None
+    downloader: Downloader, input_parquet: str, download_dir: str, ray_address: str | None = None
 ) -> threading.Thread:
     """Run img2dataset in its own process (it installs signal handlers, which only the main
     thread of a process may do), watched by a thread of this one, so that the graph can label
@@ -137,8 +139,8 @@ def start_download(
     distributor joins."""
     import multiprocessing
 
-    download_dir.mkdir(parents=True, exist_ok=True)
-    (download_dir / DOWNLOAD_DONE).unlink(missing_ok=True)
+    storage.makedirs(download_dir)
+    storage.rm(storage.join(download_dir, DOWNLOAD_DONE))
     downloader.error, downloader.finished_at = None, None
     args = (downloader.cfg.model_dump(), downloader.samples_per_shard, downloader.image_size)
     proc = multiprocessing.get_context("spawn").Process(
@@ -150,10 +152,10 @@ def start_download(
 
     def watch():
         proc.join()
-        marker = download_dir / DOWNLOAD_DONE
-        if not marker.exists():  # killed before it could say so
-            write_json_atomic(marker, {"error": f"img2dataset process died (exit code {proc.exitcode})"})
-        downloader.error = json.loads(marker.read_text()).get("error")
+        marker = storage.join(download_dir, DOWNLOAD_DONE)
+        if not storage.exists(marker):  # killed before it could say so
+            storage.write_json(marker, {"error": f"img2dataset process died (exit code {proc.exitcode})"})
+        downloader.error = storage.read_json(marker).get("error")
         downloader.finished_at = time.time()
 
     thread = threading.Thread(target=watch, name="img2dataset-watch", daemon=True)
@@ -174,20 +176,21 @@ def _download_process(
         Downloader(DownloadConfig(**cfg), per_shard, image_size)(input_parquet, folder)
     except BaseException as e:  # the driver raises it again from the marker
         error = f"{type(e).__name__}: {e}"
-    write_json_atomic(Path(folder) / DOWNLOAD_DONE, {"error": error})
+    storage.write_json(storage.join(folder, DOWNLOAD_DONE), {"error": error})
 
 
-def collect_totals(run: Path, input_rows: int) -> dict:
+def collect_totals(run: str, input_rows: int) -> dict:
     """Totals over every complete shard plus the filter failures."""
     by_reason: Counter = Counter()
-    shard_dir = run / "shards"
+    shard_dir = storage.join(run, "shards")
     ann = labelled = 0
     for sid in complete_shards(shard_dir):
-        stats = json.loads((shard_dir / f"{sid:05d}.stats.json").read_text())
+        stats = storage.read_json(storage.join(shard_dir, f"{sid:05d}.stats.json"))
         by_reason.update(stats["outcomes"])
         ann += stats["annotations"]
         labelled += stats.get("labelled", 0)
-    filt = pq.read_table(run / "filter.failures.parquet", columns=["reason"]).column("reason").to_pylist()
+    with storage.open_file(storage.join(run, "filter.failures.parquet")) as f:
+        filt = pq.read_table(f, columns=["reason"]).column("reason").to_pylist()
     by_reason.update(filt)
     written = by_reason.pop("written", 0)
     return {
@@ -211,10 +214,10 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
     from .graph import init_ray, run_local, run_ray
 
     started = time.perf_counter()
-    run = Path(cfg.output.dir)
-    manifest_path = run / MANIFEST
+    run = cfg.output.dir if storage.is_remote(cfg.output.dir) else str(Path(cfg.output.dir))
+    manifest_path = storage.join(run, MANIFEST)
     fingerprint = config_fingerprint(cfg)
-    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    previous = storage.read_json(manifest_path) if storage.exists(manifest_path) else None
     if previous and previous.get("config_fingerprint") != fingerprint:
         raise ConfigError(
             f"{run} holds a run made with a different configuration "
@@ -228,7 +231,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
         log(
             "*** SMOKE RUN: tiny random models; labels and masks are meaningless (marked smoke in every shard) ***"
         )
-    run.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run)
     manifest = {
         "config": cfg.model_dump(mode="json"),
         "config_fingerprint": fingerprint,
@@ -237,22 +240,22 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
         "shards": [],
         "totals": {},
     }
-    write_json_atomic(manifest_path, manifest)
+    storage.write_json(manifest_path, manifest)
 
     input_rows = prepare(cfg, run, files)
     if cfg.download.distributor == "ray":
         init_ray(cfg)  # img2dataset's Ray distributor uses the Ray we join (a cluster under ray job submit)
-    shard_dir = run / "shards"
+    shard_dir = storage.join(run, "shards")
     removed = remove_incomplete(shard_dir)
     if removed:
         log(f"removed {len(removed)} incomplete files from an interrupted run")
     done = set(complete_shards(shard_dir))
-    kept = json.loads((run / "work" / "prepared.json").read_text())["kept"]
+    kept = storage.read_json(storage.join(run, "work", "prepared.json"))["kept"]
     expected = expected_shards(kept, cfg.output.samples_per_shard)
     pending = {sid: n for sid, n in expected.items() if sid not in done}
     log(f"input: {input_rows} rows, {kept} to download in {len(expected)} shards "
         f"({len(done)} already complete, {len(pending)} to process)")  # fmt: skip
-    downloads = run / "downloads"
+    downloads = storage.join(run, "downloads")
     tracker = ShardTracker(pending)
     timing = {"started": time.time()}
 
@@ -268,10 +271,12 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
             import ray
 
             ray_address = ray.get_runtime_context().gcs_address
-        thread = start_download(downloader, run / "work" / "download_input.parquet", downloads, ray_address)
+        thread = start_download(
+            downloader, storage.join(run, "work", "download_input.parquet"), downloads, ray_address
+        )
         executor = run_ray if cfg.ray.executor == "ray" else run_local
         try:
-            stems = [downloads / f"{sid:05d}" for sid in sorted(pending)]
+            stems = [storage.join(downloads, f"{sid:05d}") for sid in sorted(pending)]
             executor(cfg, stems, tracker, shard_dir, provenance, on_shard=on_shard)
         finally:
             thread.join()
@@ -284,13 +289,13 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
     totals = collect_totals(run, input_rows)
     totals["written_now"] = tracker.outcomes.get("written", 0)
     written_bytes = sum(
-        (shard_dir / f"{sid:05d}{suffix}").stat().st_size
+        storage.size(storage.join(shard_dir, f"{sid:05d}{suffix}"))
         for sid in tracker.written
         for suffix in (".tar", ".parquet", ".failures.parquet", ".stats.json")
     )
     totals["driver_bytes_per_output_byte"] = round(tracker.received_bytes / max(written_bytes, 1), 6)
     manifest.update(finished=True, shards=[f"{s:05d}" for s in complete_shards(shard_dir)], totals=totals)
-    write_json_atomic(manifest_path, manifest)
+    storage.write_json(manifest_path, manifest)
     rates = {s: tracker.stage_rows[s] / sec for s, sec in tracker.stage_seconds.items() if sec > 0}
     overlap = {
         k: round(timing[k] - timing["started"], 2) for k in ("first_shard", "download_end") if timing.get(k)

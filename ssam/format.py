@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import storage
 
 PIPELINE_VERSION = "0.1.0"
 SHARD_DIGITS = 5
@@ -194,15 +197,20 @@ def write_shard(out_dir: str | os.PathLike, content: ShardContent) -> Path:
     Raises:
         ValueError: a sample breaks the format (nothing is published then).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = os.fspath(out_dir)
+    storage.makedirs(out)
     stem = shard_name(content.shard_id)
     for sample in content.samples:
         errors = validate_sample(sample.meta, sample.emb)
         if errors:
             raise ValueError(f"shard {stem}: sample {sample.key} breaks the format: {errors[0]}")
-    tmp = out / f".tmp-{stem}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    # Built in a private folder (beside the shards locally, in the temp dir for object storage),
+    # then published file by file, stats.json last.
+    if storage.is_remote(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f"ssam-{stem}-"))
+    else:
+        tmp = Path(out) / f".tmp-{stem}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
     try:
         with tarfile.open(tmp / f"{stem}.tar", "w") as tar:
             for s in content.samples:
@@ -223,20 +231,22 @@ def write_shard(out_dir: str | os.PathLike, content: ShardContent) -> Path:
         )
         (tmp / f"{stem}.stats.json").write_text(json.dumps(stats, indent=2))
         for suffix in (".tar", ".parquet", ".failures.parquet", ".stats.json"):  # stats last
-            os.replace(tmp / f"{stem}{suffix}", out / f"{stem}{suffix}")
+            storage.put_file(tmp / f"{stem}{suffix}", storage.join(out, f"{stem}{suffix}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out / f"{stem}.stats.json"
+    return storage.join(out, f"{stem}.stats.json")
+
+
+def _read_parquet(path: str) -> pa.Table:
+    with storage.open_file(path, "rb") as f:
+        return pq.read_table(f)
 
 
 def complete_shards(out_dir: str | os.PathLike) -> list[int]:
     """Ids of the shards whose commit marker (``stats.json``) exists, sorted."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
     ids = []
-    for p in out.glob("*.stats.json"):
-        stem = p.name.split(".")[0]
+    for p in storage.glob(storage.join(out_dir, "*.stats.json")):
+        stem = storage.name(p).split(".")[0]
         if stem.isdigit():
             ids.append(int(stem))
     return sorted(ids)
@@ -244,22 +254,20 @@ def complete_shards(out_dir: str | os.PathLike) -> list[int]:
 
 def remove_incomplete(out_dir: str | os.PathLike) -> list[str]:
     """Delete temporary directories, parts and shard files without a commit marker; return their names."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
+    out = os.fspath(out_dir)
     done = {shard_name(i) for i in complete_shards(out)}
     removed = []
-    for p in sorted(out.iterdir()):
-        if p.name == PARTS_DIR and p.is_dir():  # parts of an interrupted run: its rows are redone
-            for d in sorted(p.iterdir()):
-                removed.append(f"{PARTS_DIR}/{d.name}")
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(".tmp-") and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-        elif p.name[:SHARD_DIGITS].isdigit() and p.name.split(".")[0] not in done:
-            p.unlink()
-            removed.append(p.name)
+    for entry in storage.listdir(out):
+        p = storage.join(out, entry)
+        if entry == PARTS_DIR:  # parts of an interrupted run: its rows are redone
+            removed += [f"{PARTS_DIR}/{d}" for d in storage.listdir(p)]
+            storage.rm(p, recursive=True)
+        elif entry.startswith(".tmp-") and storage.isdir(p):
+            storage.rm(p, recursive=True)
+            removed.append(entry)
+        elif entry[:SHARD_DIGITS].isdigit() and entry.split(".")[0] not in done:
+            storage.rm(p)
+            removed.append(entry)
     return removed
 
 
@@ -285,7 +293,7 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
         tarfile.ReadError: the tar is truncated or not a tar.
     """
     current: dict[str, Any] = {}
-    with tarfile.open(path, "r") as tar:
+    with storage.open_file(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -375,18 +383,18 @@ def validate_sample(meta: dict[str, Any], emb: np.ndarray | None = None, labelle
 
 def validate_shard(out_dir: str | os.PathLike, shard_id: int) -> list[str]:
     """Every problem with one complete shard: files, tar members, JSON, parquet agreement."""
-    out, stem = Path(out_dir), shard_name(shard_id)
+    out, stem = os.fspath(out_dir), shard_name(shard_id)
     missing = [
         s
         for s in (".tar", ".parquet", ".failures.parquet", ".stats.json")
-        if not (out / f"{stem}{s}").exists()
+        if not storage.exists(storage.join(out, f"{stem}{s}"))
     ]
     if missing:
         return [f"shard {stem}: missing files {missing}"]
     errs: list[str] = []
     n_ann, keys = 0, []
     try:
-        for raw in iter_tar_samples(out / f"{stem}.tar"):
+        for raw in iter_tar_samples(storage.join(out, f"{stem}.tar")):
             keys.append(raw["__key__"])
             try:
                 meta, emb = decode_sample(raw)
@@ -401,12 +409,12 @@ def validate_shard(out_dir: str | os.PathLike, shard_id: int) -> list[str]:
         return [f"shard {stem}: tar unreadable: {e}"]
     if len(keys) != len(set(keys)):
         errs.append(f"shard {stem}: duplicate keys in tar")
-    table = pq.read_table(out / f"{stem}.parquet")
+    table = _read_parquet(storage.join(out, f"{stem}.parquet"))
     if table.schema.names != ANNOTATION_SCHEMA.names:
         errs.append(f"shard {stem}: annotation parquet columns {table.schema.names}")
     if table.num_rows != n_ann:
         errs.append(f"shard {stem}: parquet has {table.num_rows} rows, tar has {n_ann} annotations")
-    fails = pq.read_table(out / f"{stem}.failures.parquet")
+    fails = _read_parquet(storage.join(out, f"{stem}.failures.parquet"))
     if fails.schema.names != FAILURE_SCHEMA.names:
         errs.append(f"shard {stem}: failures parquet columns {fails.schema.names}")
     dup = set(keys) & set(fails.column("key").to_pylist())
@@ -417,15 +425,14 @@ def validate_shard(out_dir: str | os.PathLike, shard_id: int) -> list[str]:
 
 def validate_run(run_dir: str | os.PathLike) -> list[str]:
     """Validate every complete shard of a run and the manifest's totals."""
-    run = Path(run_dir)
-    shard_dir = run / "shards"
+    shard_dir = storage.join(run_dir, "shards")
     errs: list[str] = []
     for sid in complete_shards(shard_dir):
         errs += validate_shard(shard_dir, sid)
-    manifest_path = run / MANIFEST
-    if not manifest_path.exists():
+    manifest_path = storage.join(run_dir, MANIFEST)
+    if not storage.exists(manifest_path):
         return errs + [f"{manifest_path}: missing"]
-    manifest = json.loads(manifest_path.read_text())
+    manifest = storage.read_json(manifest_path)
     totals = manifest.get("totals", {})
     if totals and totals.get("input_rows") != totals.get("written", 0) + totals.get("failed", 0):
         errs.append(f"manifest totals do not add up: {totals}")
@@ -434,8 +441,8 @@ def validate_run(run_dir: str | os.PathLike) -> list[str]:
 
 def iter_run_samples(run_dir: str | os.PathLike) -> Iterable[tuple[str, dict[str, Any], np.ndarray | None]]:
     """Yield ``(key, meta, emb)`` for every sample of every complete shard of a run."""
-    shard_dir = Path(run_dir) / "shards"
+    shard_dir = storage.join(run_dir, "shards")
     for sid in complete_shards(shard_dir):
-        for raw in iter_tar_samples(shard_dir / f"{shard_name(sid)}.tar"):
+        for raw in iter_tar_samples(storage.join(shard_dir, f"{shard_name(sid)}.tar")):
             meta, emb = decode_sample(raw)
             yield raw["__key__"], meta, emb

@@ -12,7 +12,7 @@ their bytes, the failures with img2dataset's error message -- so every row reach
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import tarfile
 import time
@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from ssam import storage
 from ssam.configio import Section
-from ssam.io import atomic_path
 
 from .common import OK
 
@@ -38,13 +38,13 @@ def resolve_file_url(url: str, base_dir: Path) -> str:
     return (base_dir / parsed.path).resolve().as_uri()
 
 
-def downloaded_shards(download_dir: str | os.PathLike) -> dict[int, Path]:
-    """Shards img2dataset finished (its ``_stats.json`` is written last), by id."""
+def downloaded_shards(download_dir: str | os.PathLike) -> dict[int, str]:
+    """Shards img2dataset finished (its ``_stats.json`` is written last), by id: their stems."""
     done = {}
-    for p in Path(download_dir).glob("*_stats.json"):
-        stem = p.name.split("_")[0]
-        if stem.isdigit() and (p.parent / f"{stem}.parquet").exists():
-            done[int(stem)] = p.parent / stem
+    for p in storage.glob(storage.join(download_dir, "*_stats.json")):
+        stem = storage.name(p).split("_")[0]
+        if stem.isdigit():
+            done[int(stem)] = storage.join(download_dir, stem)
     return dict(sorted(done.items()))
 
 
@@ -84,11 +84,12 @@ class Downloader:
         self.samples_per_shard = samples_per_shard
         self.image_size = image_size
 
-    def __call__(self, input_parquet: str | os.PathLike, download_dir: str | os.PathLike) -> dict[int, Path]:
+    def __call__(self, input_parquet: str | os.PathLike, download_dir: str | os.PathLike) -> dict[int, str]:
         from img2dataset import download
 
-        if pq.ParquetFile(input_parquet).metadata.num_rows == 0:
-            return {}
+        with storage.open_file(input_parquet) as f:
+            if pq.ParquetFile(f).metadata.num_rows == 0:
+                return {}
         d = self.cfg
         started = time.perf_counter()
         download(
@@ -133,23 +134,23 @@ SHARD_COLUMNS = (
 )
 
 
-def shard_row_count(shard_stem: Path) -> int:
-    return pq.ParquetFile(f"{shard_stem}.parquet").metadata.num_rows
-
-
-def read_downloaded_shard(shard_stem: Path) -> dict[str, list]:
+def read_downloaded_shard(shard_stem: str | os.PathLike) -> dict[str, list]:
     """All rows of one img2dataset shard as a batch: ok rows with ``image`` bytes, failures marked."""
-    table = pq.read_table(f"{shard_stem}.parquet").to_pylist()
+    with storage.open_file(f"{os.fspath(shard_stem)}.parquet") as f:
+        table = pq.read_table(f).to_pylist()
     images: dict[str, bytes] = {}
     tar_error = ""
     try:
-        with tarfile.open(f"{shard_stem}.tar") as tar:
+        with (
+            storage.open_file(f"{os.fspath(shard_stem)}.tar") as f,
+            tarfile.open(fileobj=f, mode="r|") as tar,
+        ):
             for m in tar:
                 if m.isfile() and m.name.endswith(".jpg"):
                     images[m.name[: -len(".jpg")]] = tar.extractfile(m).read()
     except (OSError, tarfile.TarError) as e:
         tar_error = f"image tar unreadable: {e}"
-    shard_id = int(shard_stem.name)
+    shard_id = int(storage.name(shard_stem))
     out: dict[str, list] = {c: [] for c in SHARD_COLUMNS}
     for row in table:
         key = row["key"]
@@ -184,21 +185,21 @@ def expected_shards(n_rows: int, samples_per_shard: int) -> dict[int, int]:
     return {i: min(samples_per_shard, n_rows - i * samples_per_shard) for i in range(n)}
 
 
-def wait_for_shard(shard_stem: Path, poll_s: float = 0.5) -> None:
+def wait_for_shard(shard_stem: str | os.PathLike, poll_s: float = 0.5) -> None:
     """Block until img2dataset has finished shard ``shard_stem`` (its ``_stats.json`` exists).
 
     Raises:
         RuntimeError: the download ended (its done marker exists) without this shard, or failed.
     """
-    stats = shard_stem.parent / f"{shard_stem.name}_stats.json"
-    done = shard_stem.parent / DOWNLOAD_DONE
-    while not stats.exists():
-        if done.exists():
-            if stats.exists():
+    folder, stem = storage.parent(shard_stem), storage.name(shard_stem)
+    stats, done = storage.join(folder, f"{stem}_stats.json"), storage.join(folder, DOWNLOAD_DONE)
+    while not storage.exists(stats):
+        if storage.exists(done):
+            if storage.exists(stats):
                 break
-            error = json.loads(done.read_text()).get("error")
+            error = storage.read_json(done).get("error")
             raise RuntimeError(
-                f"the download ended without shard {shard_stem.name}"
+                f"the download ended without shard {stem}"
                 + (f": img2dataset failed: {error}" if error else "")
             )
         time.sleep(poll_s)
@@ -209,12 +210,12 @@ def read_shard_batch(batch: dict) -> dict[str, list]:
     each read as soon as img2dataset has finished it (the download runs alongside the graph)."""
     parts = []
     for s in batch["shard_stem"]:
-        wait_for_shard(Path(s))
-        parts.append(read_downloaded_shard(Path(s)))
+        wait_for_shard(s)
+        parts.append(read_downloaded_shard(s))
     return {k: [v for p in parts for v in p[k]] for k in parts[0]} if parts else {}
 
 
-def write_download_input(rows: dict[str, list], path: Path) -> int:
+def write_download_input(rows: dict[str, list], path: str | os.PathLike) -> int:
     """Write the ok rows img2dataset will fetch; return their count. Atomic (temp name, rename)."""
     keep = [i for i, s in enumerate(rows["status"]) if s == OK]
     table = pa.table(
@@ -225,6 +226,7 @@ def write_download_input(rows: dict[str, list], path: Path) -> int:
             "src_index": pa.array([rows["src_index"][i] for i in keep], pa.int64()),
         }
     )
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(path, buf.getvalue())
     return len(keep)

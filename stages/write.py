@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssam import storage
 from ssam.format import PARTS_DIR, Failure, Sample, ShardContent, write_shard
-from ssam.io import atomic_path
 
 from .common import OK, as_list, batch_len
 
@@ -75,8 +75,8 @@ def sample_meta(row: dict[str, Any], provenance: dict) -> dict:
     }
 
 
-def part_dir(shard_dir: str | Path, shard_id: int) -> Path:
-    return Path(shard_dir) / PARTS_DIR / f"{shard_id:05d}"
+def part_dir(shard_dir: str | Path, shard_id: int) -> str:
+    return storage.join(shard_dir, PARTS_DIR, f"{shard_id:05d}")
 
 
 def write_parts(batch: dict[str, Any], shard_dir: str, provenance: dict) -> dict[str, list]:
@@ -105,10 +105,9 @@ def write_parts(batch: dict[str, Any], shard_dir: str, provenance: dict) -> dict
         for s in TIMING_STAGES:
             table[f"t_{s}"] = [float(r.get(f"t_{s}") or 0.0) for r in rows]
         name = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20] + ".parquet"
-        path = part_dir(shard_dir, sid) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            pq.write_table(pa.table(table, schema=PART_SCHEMA), tmp)
+        buf = io.BytesIO()
+        pq.write_table(pa.table(table, schema=PART_SCHEMA), buf)
+        storage.write_bytes(storage.join(part_dir(shard_dir, sid), name), buf.getvalue())  # atomic
         out["shard_id"].append(sid)
         out["part"].append(name)
         out["keys_json"].append(json.dumps(keys))
@@ -120,10 +119,12 @@ def finalize_shard(shard_dir: str, shard_id: int, provenance: dict) -> dict:
 
     Returns ``{"shard_id", "outcomes", "stage_seconds", "stage_rows"}`` for the run's summary.
     """
-    parts = sorted(part_dir(shard_dir, shard_id).glob("*.parquet"))
+    parts = storage.glob(storage.join(part_dir(shard_dir, shard_id), "*.parquet"))
     rows: dict[str, dict] = {}
     for p in parts:
-        for r in pq.read_table(p).to_pylist():
+        with storage.open_file(p) as f:
+            table = pq.read_table(f)
+        for r in table.to_pylist():
             rows.setdefault(r["key"], r)  # a key written twice (a retried task) counts once
     content = ShardContent(shard_id)
     seconds: Counter = Counter()
@@ -150,9 +151,10 @@ def finalize_shard(shard_dir: str, shard_id: int, provenance: dict) -> dict:
         "provenance": provenance,
     }
     write_shard(shard_dir, content)
-    shutil.rmtree(part_dir(shard_dir, shard_id), ignore_errors=True)
-    with contextlib.suppress(OSError):  # the parts folder, once no shard is being written
-        part_dir(shard_dir, shard_id).parent.rmdir()
+    storage.rm(part_dir(shard_dir, shard_id), recursive=True)
+    if not storage.is_remote(shard_dir):
+        with contextlib.suppress(OSError):  # the parts folder, once no shard is being written
+            os.rmdir(storage.join(shard_dir, PARTS_DIR))
     return {
         "shard_id": shard_id,
         "outcomes": dict(outcomes),

@@ -2,6 +2,7 @@
 starts with the first downloaded shard, and parts that stay exactly-once under retries."""
 
 import json
+from pathlib import Path
 
 import httpserver
 import imagefiles
@@ -107,16 +108,16 @@ def test_parts_are_exactly_once_under_retries_and_removed_when_interrupted(tmp_p
     assert tracker.add(write_parts(_batch(a), str(shards), {"smoke": True})) == []
     # A retried task writes the same rows again: the same part name, no second copy, no new keys.
     assert tracker.add(write_parts(_batch(a), str(shards), {"smoke": True})) == []
-    assert len(list(part_dir(shards, 0).glob("*.parquet"))) == 1
+    assert len(list(Path(part_dir(shards, 0)).glob("*.parquet"))) == 1
     assert tracker.add(write_parts(_batch(b), str(shards), {"smoke": True})) == [0]
-    assert pq.read_schema(next(part_dir(shards, 0).glob("*.parquet"))) == PART_SCHEMA
+    assert pq.read_schema(next(Path(part_dir(shards, 0)).glob("*.parquet"))) == PART_SCHEMA
     tracker.record(finalize_shard(str(shards), 0, {"smoke": True}))
     assert tracker.missing() == {} and tracker.outcomes == {"written": 2, "decode_failed": 1}
     keys = [k for k, _, _ in iter_run_samples(tmp_path)]
     assert keys == ["000000000", "000000002"]
     failures = pq.read_table(shards / "00000.failures.parquet").to_pylist()
     assert [(f["key"], f["reason"]) for f in failures] == [("000000001", "decode_failed")]
-    assert not part_dir(shards, 0).exists()
+    assert not Path(part_dir(shards, 0)).exists()
 
     # An interrupted run leaves parts of shard 1: they are removed before the next run, as is
     # any shard file without its commit marker.
