@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("run_dir", help="the run directory (output.dir)")
     s.add_argument("--key", action="append", default=[], help="sample key to draw (repeatable; default: all)")
-    s.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/overlays)")
+    s.add_argument(
+        "--out",
+        default=None,
+        help="folder for the PNGs (default: RUN_DIR/overlays; ./overlays for s3:// runs)",
+    )
     sub.add_parser("config-reference", help="print every config key as a Markdown table")
     from .candidates_cli import add_parser as add_candidates_parser
 
@@ -107,15 +111,18 @@ def cmd_show(args) -> int:
     import numpy as np
     from PIL import Image
 
+    from ssam import storage
     from ssam.format import complete_shards, decode_sample, iter_tar_samples
     from ssam.overlay import render_overlay
 
-    out = Path(args.out or Path(args.run_dir) / "overlays")
+    # overlays go beside a local run; for a run in object storage, to ./overlays unless --out says
+    default = "overlays" if storage.is_remote(args.run_dir) else Path(args.run_dir) / "overlays"
+    out = Path(args.out or default)
     out.mkdir(parents=True, exist_ok=True)
-    shard_dir = Path(args.run_dir) / "shards"
+    shard_dir = storage.join(args.run_dir, "shards")
     n = 0
     for sid in complete_shards(shard_dir):
-        for raw in iter_tar_samples(shard_dir / f"{sid:05d}.tar"):
+        for raw in iter_tar_samples(storage.join(shard_dir, f"{sid:05d}.tar")):
             if args.key and raw["__key__"] not in args.key:
                 continue
             meta, _ = decode_sample(raw)

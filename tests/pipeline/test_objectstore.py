@@ -12,6 +12,7 @@ from s3server import S3Server
 
 from ssam import storage
 from ssam.format import PARTS_DIR, complete_shards, iter_run_samples, validate_run
+from ssam.pipeline.cli import main
 from ssam.pipeline.config import load_config
 from ssam.pipeline.run import run_pipeline
 
@@ -65,6 +66,9 @@ def test_input_and_output_on_s3(s3, tmp_path):
         )
         assert not storage.listdir(f"{run}/shards/{PARTS_DIR}")  # every part removed after its shard
         assert storage.read_json(f"{run}/manifest.json")["finished"] is True
+        assert main(["validate", run]) == 0
+        assert main(["show", run, "--out", str(tmp_path / "overlays")]) == 0
+        assert len(list((tmp_path / "overlays").glob("*.png"))) == 4
 
         # A shard whose marker is gone is incomplete: it alone is redone, from the cached download.
         storage.rm(f"{run}/shards/00001.stats.json")
