@@ -7,6 +7,7 @@ Examples::
     ssam-pipeline run configs/pipeline/smoke.yaml --set masks.points_per_side=8 --set ray.executor=local
     ssam-pipeline validate runs/smoke
     ssam-pipeline candidates "a woman with a pram and a BlackBerry phone" --vocabulary lvis
+    ssam-pipeline report runs/smoke && ssam-pipeline export runs/smoke --format coco /tmp/coco
     ray job submit --working-dir . -- ssam-pipeline run configs/pipeline/laion-gpu.yaml
 
 Exit status: 0 the run finished (rows may have failed; see the summary), 2 bad config or input,
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .candidates_cli import add_parser as add_candidates_parser
 
     add_candidates_parser(sub)
+    from .export_cli import add_parser as add_export_parser
+    from .report_cli import add_parser as add_report_parser
+
+    add_report_parser(sub)
+    add_export_parser(sub)
     return p
 
 
@@ -146,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(args)
     if args.command == "show":
         return cmd_show(args)
+    if args.command == "report":
+        from .report_cli import main as report_main
+
+        return report_main(args)
+    if args.command == "export":
+        from .export_cli import main as export_main
+
+        return export_main(args)
     if args.command == "candidates":
         from .candidates_cli import main as candidates_main
 
