@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ssam import storage
+from ssam import storage, urlguard
 from ssam.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete
 from ssam.stages.common import OK
 from ssam.stages.download import (
@@ -169,10 +170,20 @@ def _download_process(
     """The download process: img2dataset, then the done marker (with the error, if any)."""
     error = None
     try:
+        runtime_env = None
+        if not cfg.get("allow_private_hosts"):
+            # every connection of every fetch, redirects included, is checked where it is made:
+            # here, in img2dataset's spawned pool (the environment) and in its Ray tasks
+            guard_env = urlguard.child_environment(cfg.get("allow_networks", ()))
+            os.environ.update(guard_env)
+            urlguard.install(cfg.get("allow_networks", ()))
+            runtime_env = {"env_vars": guard_env}
         if cfg.get("distributor") == "ray":
             import ray
 
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+            ray.init(
+                address=ray_address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env
+            )
         Downloader(DownloadConfig(**cfg), per_shard, image_size)(input_parquet, folder)
     except BaseException as e:  # the driver raises it again from the marker
         error = f"{type(e).__name__}: {e}"

@@ -59,6 +59,10 @@ class DownloadConfig(Section):
     allow_private_hosts: bool = Field(
         False, description="allow URLs on loopback, private and link-local addresses"
     )
+    allow_networks: list[str] = Field(
+        [],
+        description="CIDR networks treated as public, e.g. [10.20.0.0/16] for an internal image store",
+    )
     allow_file_urls: bool = Field(
         False, description="allow file:// URLs (relative ones resolve against the parquet's folder)"
     )

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from pydantic import Field
 
 from ssam.configio import Section
+from ssam.urlguard import refused
 
 from .common import OK, Stage, batch_len, mark_failed
 from .download import DownloadConfig
@@ -58,25 +59,19 @@ def _host_addresses(host: str) -> tuple[str, ...]:
         return ()  # unresolvable: left to the download, which will fail it
 
 
-def _is_private(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr.split("%")[0])
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-    )
-
-
 def check_url(
-    url: str, allow_private_hosts: bool, allow_file_urls: bool, resolve_hosts: bool
+    url: str,
+    allow_private_hosts: bool,
+    allow_file_urls: bool,
+    resolve_hosts: bool,
+    allow_networks: list[str] | tuple[str, ...] = (),
 ) -> tuple[str, str]:
     """``("ok", "")`` or ``(reason, detail)`` for one URL.
 
     Refuses ``file://`` unless allowed, any other scheme but http(s), and hosts that are -- or
-    resolve to -- loopback, private, link-local or reserved addresses unless allowed.
+    resolve to -- loopback, private, link-local or reserved addresses unless allowed (all of
+    them, or those in ``allow_networks``). What the host resolves to when it is fetched, and
+    where redirects lead, is checked again at connect time (:mod:`ssam.urlguard`).
     """
     if not isinstance(url, str) or not url.strip():
         return "missing_url", "empty url"
@@ -94,7 +89,7 @@ def check_url(
         addrs: tuple[str, ...] = (str(ipaddress.ip_address(host)),)
     except ValueError:
         addrs = _host_addresses(host) if resolve_hosts else ()
-    bad = [a for a in addrs if _is_private(a)]
+    bad = [a for a in addrs if refused(a, allow_networks)]
     if bad:
         return "url_refused", f"host {host} resolves to non-public address {bad[0]}"
     return OK, ""
@@ -136,7 +131,9 @@ class FilterStage(Stage):
     def _reject(self, row: dict[str, Any]) -> tuple[str, str]:
         f = self.cfg
         u = self.url_policy
-        reason, detail = check_url(row["url"], u.allow_private_hosts, u.allow_file_urls, u.resolve_hosts)
+        reason, detail = check_url(
+            row["url"], u.allow_private_hosts, u.allow_file_urls, u.resolve_hosts, u.allow_networks
+        )
         if reason != OK:
             return reason, detail
         w, h = row.get("width"), row.get("height")

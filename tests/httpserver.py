@@ -10,10 +10,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class ImageServer:
     """``with ImageServer({"/a.jpg": (200, "image/jpeg", b"...")}) as srv: srv.url("/a.jpg")``.
 
-    Binds 127.0.0.1 on a free port; stopped on exit.
+    A route may carry a fourth element, extra headers (``{"Location": ...}`` for a redirect).
+    Binds ``host`` (127.0.0.1, or another loopback address) on a free port; stopped on exit.
     """
 
-    def __init__(self, routes: dict[str, tuple[int, str, bytes]], delays: dict[str, float] | None = None):
+    def __init__(
+        self,
+        routes: dict[str, tuple],
+        delays: dict[str, float] | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.routes = routes
         self.delays = delays or {}  # path -> seconds to wait before answering
         self.hits: dict[str, int] = {}
@@ -23,8 +29,10 @@ class ImageServer:
             def do_GET(self):  # noqa: N802 -- http.server's naming
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 time.sleep(server.delays.get(self.path, 0))
-                status, ctype, body = server.routes.get(self.path, (404, "text/plain", b"not found"))
+                status, ctype, body, *extra = server.routes.get(self.path, (404, "text/plain", b"not found"))
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():  # e.g. a redirect's Location
+                    self.send_header(name, value)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -33,11 +41,12 @@ class ImageServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = host
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+        return f"http://{self.host}:{self.httpd.server_address[1]}{path}"
 
     def __enter__(self) -> ImageServer:
         self.thread.start()
