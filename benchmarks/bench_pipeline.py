@@ -63,12 +63,16 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run(input_path: Path, out: Path, executor: str) -> dict:
+def run(input_path: Path, out: Path, executor: str, address: str | None = None, env=None) -> dict:
     """One pipeline run in a fresh process; wall time and the process tree's peak RSS."""
     overrides = [f"input.path={input_path}", f"output.dir={out}", f"ray.executor={executor}"]
+    if address:
+        overrides.append(f"ray.address={address}")
     cmd = [sys.executable, "-c", CHILD, str(REPO / "configs/pipeline/smoke.yaml"), *overrides]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env
+    )
     ps, peak, driver_peak = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         peak = max(peak, tree_rss(ps))
@@ -91,15 +95,33 @@ def main() -> None:
         "--repeat-4n", type=int, default=4, help="the large input is this many copies of the sample"
     )
     ap.add_argument("--out", default=str(REPO / "benchmarks/last_pipeline.json"), help="JSON results file")
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run the Ray runs on a local cluster started with `ray start` (head + 2 worker nodes, "
+        "token auth); peak RSS is then the driver's alone (the nodes are not its children)",
+    )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        small, large = make_input(tmp / "n", 1), make_input(tmp / "4n", args.repeat_4n)
-        ray_n = run(small, tmp / "ray_n", "ray")
-        local_n = run(small, tmp / "local_n", "local")
-        ray_4n = run(large, tmp / "ray_4n", "ray")
+    cluster = address = env = None
+    if args.cluster:
+        sys.path.insert(0, str(REPO / "tests"))
+        from raycluster import RayCliCluster
+
+        cluster = RayCliCluster([{"num_cpus": 2}, {"num_cpus": 2}]).start()
+        address, env = cluster.gcs_address, cluster.env
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            small, large = make_input(tmp / "n", 1), make_input(tmp / "4n", args.repeat_4n)
+            ray_n = run(small, tmp / "ray_n", "ray", address, env)
+            local_n = run(small, tmp / "local_n", "local")
+            ray_4n = run(large, tmp / "ray_4n", "ray", address, env)
+    finally:
+        if cluster:
+            cluster.stop()
     n = ray_n["totals"]["input_rows"]
     report = {
+        "ray": "local cluster: head + 2 worker nodes (ray start)" if args.cluster else "in-process",
         "images": {"N": n, "4N": ray_4n["totals"]["input_rows"]},
         "wall_s": {
             "ray_N": ray_n["process_wall_s"],
