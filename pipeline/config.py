@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 from ssam.configio import Section, config_rows, load_validated
 from ssam.stages.candidates import CandidatesConfig
 from ssam.stages.decode import DecodeConfig
+from ssam.stages.dedup import DedupConfig
 from ssam.stages.download import DownloadConfig
 from ssam.stages.filter import FilterConfig
 from ssam.stages.labels import LabelsConfig
@@ -96,21 +97,27 @@ class RayConfig(Section):
         "the driver holds only keys)",
     )
     decode: StageResources = Field(default_factory=lambda: StageResources(max_workers=2, batch_size=16))
+    dedup: StageResources = Field(
+        default_factory=lambda: StageResources(num_cpus=0.25, batch_size=64),
+        description="the dedup actor: one worker, always (it must see every image's hash); light",
+    )
     candidates: StageResources = Field(default_factory=StageResources)
     masks: StageResources = Field(default_factory=StageResources)
     labels: StageResources = Field(default_factory=StageResources)
     write: StageResources = Field(
-        default_factory=lambda: StageResources(max_workers=4, batch_size=64),
+        default_factory=lambda: StageResources(num_cpus=0.25, max_workers=4, batch_size=64),
         description="the write tasks (parts of shards, then each shard): CPUs, resources, "
         "max_workers = tasks at once, batch_size = rows per part",
     )
 
     @model_validator(mode="after")
     def _pools(self):
-        for name in ("decode", "candidates", "masks", "labels", "write"):
+        for name in ("decode", "dedup", "candidates", "masks", "labels", "write"):
             r = getattr(self, name)
             if r.min_workers > r.max_workers:
                 raise ValueError(f"{name}: min_workers {r.min_workers} > max_workers {r.max_workers}")
+        if self.dedup.max_workers != 1:
+            raise ValueError("dedup: max_workers must be 1 (one actor sees every image's hash)")
         return self
 
 
@@ -120,6 +127,7 @@ class PipelineConfig(Section):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     masks: MasksConfig = Field(default_factory=MasksConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ssam import storage
 from ssam.stages.candidates import CandidatesStage
 from ssam.stages.decode import DecodeStage
+from ssam.stages.dedup import DedupStage
 from ssam.stages.download import read_downloaded_shard, read_shard_batch, wait_for_shard
 from ssam.stages.fused import MasksAndLabelsStage
 from ssam.stages.labels import LabelStage
 from ssam.stages.masks import MaskStage
 from ssam.stages.write import ShardTracker, finalize_shard, write_parts
 
-from .config import PipelineConfig
+from .config import ConfigError, PipelineConfig
 
 STAGES: list[tuple[str, type]] = [
     ("decode", DecodeStage),
+    ("dedup", DedupStage),
     ("candidates", CandidatesStage),
     ("masks", MaskStage),
     ("labels", LabelStage),
@@ -31,8 +34,11 @@ STAGES: list[tuple[str, type]] = [
 
 
 def stage_args(cfg: PipelineConfig, name: str) -> tuple:
-    """A stage's constructor arguments: its own config section (and the seed for model stages)."""
+    """A stage's constructor arguments: its own config section (and the seed for model stages,
+    the folder of its kept hashes for dedup)."""
     section = getattr(cfg, name)
+    if name == "dedup":
+        return (section, storage.join(cfg.output.dir, "work", "dedup"))
     return (section,) if name == "decode" else (section, cfg.seed)
 
 
@@ -40,8 +46,11 @@ def stage_plan(cfg: PipelineConfig) -> list[tuple[str, type, tuple]]:
     """``(resources name, stage class, constructor args)`` in graph order.
 
     With ``ray.fuse_gpu_stages`` masks and labels become one stage on ``ray.masks``' resources.
+    Dedup is left out when ``dedup`` checks nothing.
     """
     plan = [(name, cls, stage_args(cfg, name)) for name, cls in STAGES]
+    if not cfg.dedup.active:
+        plan = [p for p in plan if p[0] != "dedup"]
     if cfg.ray.fuse_gpu_stages:
         plan = [p for p in plan if p[0] not in ("masks", "labels")]
         plan.append(("masks", MasksAndLabelsStage, (cfg.masks, cfg.labels, cfg.seed)))
@@ -129,6 +138,30 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[str], shard_dir: str, p
         num_cpus=w.num_cpus,
         resources=w.resources or None,
     )
+
+
+def check_capacity(cfg: PipelineConfig) -> None:
+    """Refuse a graph whose actor pools cannot all start on the cluster as it is: Ray Data would
+    wait for them forever. (An autoscaling cluster that is still small: start it bigger, or lower
+    ``ray.<stage>.min_workers`` / ``num_cpus``.)"""
+    import ray
+
+    have = ray.cluster_resources()
+    need: dict[str, float] = {}
+    for name, _, _ in stage_plan(cfg):
+        r = getattr(cfg.ray, name)
+        for res, amount in (("CPU", r.num_cpus), ("GPU", r.num_gpus), *r.resources.items()):
+            need[res] = need.get(res, 0.0) + amount * r.min_workers
+    w = cfg.ray.write
+    for res, amount in (("CPU", w.num_cpus), *w.resources.items()):
+        need[res] = need.get(res, 0.0) + amount  # at least one write task beside the pools
+    short = {r: (n, have.get(r, 0.0)) for r, n in need.items() if n > have.get(r, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{r}: needs {n:g}, cluster has {h:g}" for r, (n, h) in short.items())
+        raise ConfigError(
+            f"the stages' actor pools (min_workers x resources in ray.*) do not fit the Ray cluster "
+            f"({detail}); lower ray.<stage>.num_cpus / min_workers, or add nodes"
+        )
 
 
 def run_ray(

@@ -222,7 +222,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
         ConfigError, InputError, ModelsUnavailable: before any work is done.
         RuntimeError: the graph ended with rows missing (a bug, reported with the shards).
     """
-    from .graph import init_ray, run_local, run_ray
+    from .graph import check_capacity, init_ray, run_local, run_ray
 
     started = time.perf_counter()
     run = cfg.output.dir if storage.is_remote(cfg.output.dir) else str(Path(cfg.output.dir))
@@ -254,8 +254,10 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
     storage.write_json(manifest_path, manifest)
 
     input_rows = prepare(cfg, run, files)
-    if cfg.download.distributor == "ray":
+    if cfg.download.distributor == "ray" or cfg.ray.executor == "ray":
         init_ray(cfg)  # img2dataset's Ray distributor uses the Ray we join (a cluster under ray job submit)
+    if cfg.ray.executor == "ray":
+        check_capacity(cfg)  # before any download: pools that cannot start would wait forever
     shard_dir = storage.join(run, "shards")
     removed = remove_incomplete(shard_dir)
     if removed:

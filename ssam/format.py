@@ -83,6 +83,8 @@ FAILURE_REASONS = {
     "decode_failed": "decode",
     "decompression_bomb": "decode",
     "image_too_small": "decode",
+    "near_duplicate": "dedup",
+    "eval_overlap": "dedup",
     "no_masks": "masks",
     "gpu_oom": "masks",
     "stage_error": "any",
@@ -369,6 +371,11 @@ def validate_sample(meta: dict[str, Any], emb: np.ndarray | None = None, labelle
     errs += [f"image: missing '{k}'" for k in needed if k not in img]
     if errs:
         return errs
+    phash = img.get("phash")  # optional: shards written before it existed have none
+    if phash is not None and not (
+        isinstance(phash, str) and len(phash) == 16 and all(c in "0123456789abcdef" for c in phash)
+    ):
+        errs.append(f"image.phash must be 16 lowercase hex digits, got {phash!r}")
     for i, ann in enumerate(meta["annotations"]):
         errs += _validate_annotation(i, ann, int(img["height"]), int(img["width"]))
     if emb is not None:

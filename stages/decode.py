@@ -72,6 +72,29 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, longest_side: int)
     return img
 
 
+def _dct_matrix(n: int) -> np.ndarray:
+    """The (unnormalised) DCT-II as an ``n x n`` matrix: ``coeffs = D @ x``."""
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    return 2.0 * np.cos(np.pi * k * (2 * i + 1) / (2 * n))
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def image_phash(img: Image.Image) -> str:
+    """64-bit DCT perceptual hash of an image, as 16 lowercase hex digits.
+
+    The classic pHash (the definition ``imagehash.phash`` uses): grayscale, 32x32 Lanczos, 2-D
+    DCT-II, the 8x8 lowest frequencies compared with their median; bit ``r*8+c`` (row-major, most
+    significant first) is 1 where coefficient ``(r, c)`` is above it. Re-encoding, resizing and
+    mild colour changes move a few bits; different photos differ in ~32 (stages/dedup.py).
+    """
+    small = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), np.float64)
+    low_8x8 = (_DCT32 @ small @ _DCT32.T)[:8, :8]
+    bits = (low_8x8 > np.median(low_8x8)).ravel()
+    return f"{int(np.packbits(bits).view('>u8')[0]):016x}"
+
+
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
@@ -95,11 +118,12 @@ class DecodeConfig(Section):
 
 
 class DecodeStage(Stage):
-    """Bytes (column ``image``) -> ``jpeg``, ``width``, ``height``; the raw bytes are dropped."""
+    """Bytes (column ``image``) -> ``jpeg``, ``width``, ``height``, ``phash`` (of the stored
+    image, :func:`image_phash`); the raw bytes are dropped."""
 
     name = "decode"
     reads = (*ROW_COLUMNS, "image")
-    writes = ("jpeg", "width", "height")
+    writes = ("jpeg", "width", "height", "phash")
     drops = ("image",)
 
     def __init__(self, cfg: DecodeConfig):
@@ -111,6 +135,12 @@ class DecodeStage(Stage):
 
         def one(i):
             img = decode_image(raw[i] or b"", c.max_pixels, c.min_image_side, c.image_size)
-            return {"jpeg": encode_jpeg(img, c.jpeg_quality), "width": img.size[0], "height": img.size[1]}
+            w, h = img.size
+            return {
+                "jpeg": encode_jpeg(img, c.jpeg_quality),
+                "width": w,
+                "height": h,
+                "phash": image_phash(img),
+            }
 
-        map_rows(out, self.name, one, {"jpeg": b"", "width": 0, "height": 0})
+        map_rows(out, self.name, one, {"jpeg": b"", "width": 0, "height": 0, "phash": ""})

@@ -39,7 +39,7 @@ from ssam.format import PARTS_DIR, Failure, Sample, ShardContent, write_shard
 
 from .common import OK, as_list, batch_len
 
-TIMING_STAGES = ("decode", "candidates", "masks", "labels")
+TIMING_STAGES = ("decode", "dedup", "candidates", "masks", "labels")
 
 PART_SCHEMA = pa.schema(
     [
@@ -68,6 +68,7 @@ def sample_meta(row: dict[str, Any], provenance: dict) -> dict:
             "url": row["url"],
             "caption": row["caption"],
             "sha256": row["sha256"],
+            **({"phash": row["phash"]} if row.get("phash") else {}),
         },
         "candidates": json.loads(row["candidates_json"]),
         "annotations": json.loads(row["annotations_json"]),

@@ -135,3 +135,23 @@ def test_sample_config_without_weights_stops_with_one_clear_paragraph(tmp_path, 
     assert "make demo SMOKE=1" in err and "masks.sam_checkpoint" in err
     assert err.strip().count("\n") == 0  # one paragraph
     assert not (tmp_path / "run").exists()
+
+
+def test_actor_pools_that_cannot_fit_the_cluster_are_refused_before_any_download(tmp_path, ray_loopback):
+    from conftest import REPO
+
+    from ssam.pipeline.config import ConfigError, load_config
+    from ssam.pipeline.run import run_pipeline
+
+    cfg = load_config(
+        REPO / "configs/pipeline/smoke.yaml",
+        [
+            f"output.dir={tmp_path / 'run'}",
+            f"input.path={REPO / 'sample/pairs.parquet'}",
+            "ray.masks.num_cpus=64",
+            "ray.labels.resources={big_gpu_node: 1}",
+        ],
+    )
+    with pytest.raises(ConfigError, match="CPU: needs 65.*big_gpu_node: needs 1, cluster has 0"):
+        run_pipeline(cfg, log=lambda m: None)
+    assert not (tmp_path / "run/downloads").exists()  # nothing was fetched
