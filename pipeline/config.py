@@ -74,6 +74,12 @@ class StageResources(Section):
     min_workers: int = Field(1, ge=1, description="actor pool minimum size")
     max_workers: int = Field(1, ge=1, description="actor pool maximum size")
     batch_size: int = Field(8, ge=1, description="rows per batch")
+    max_in_flight: int = Field(
+        2,
+        ge=1,
+        description="batches queued per actor (backpressure: bounds the blocks waiting at each stage, "
+        "so a fast upstream pool cannot flood a slow GPU stage)",
+    )
     resources: dict[str, float] = Field(
         {},
         description="custom Ray resources per worker, e.g. {big_gpu: 1} to pin a stage to nodes that have them",

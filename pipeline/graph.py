@@ -122,7 +122,9 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[str], shard_dir: str, p
             fn_constructor_args=args,
             batch_size=r.batch_size,
             batch_format="numpy",
-            concurrency=(r.min_workers, r.max_workers),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=r.min_workers, max_size=r.max_workers, max_tasks_in_flight_per_actor=r.max_in_flight
+            ),
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
             resources=r.resources or None,
@@ -134,7 +136,7 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[str], shard_dir: str, p
         fn_kwargs={"shard_dir": str(shard_dir), "provenance": provenance},
         batch_size=w.batch_size,
         batch_format="numpy",
-        concurrency=w.max_workers,
+        compute=ray.data.TaskPoolStrategy(size=w.max_workers),
         num_cpus=w.num_cpus,
         resources=w.resources or None,
     )

@@ -155,3 +155,29 @@ def test_actor_pools_that_cannot_fit_the_cluster_are_refused_before_any_download
     with pytest.raises(ConfigError, match="CPU: needs 65.*big_gpu_node: needs 1, cluster has 0"):
         run_pipeline(cfg, log=lambda m: None)
     assert not (tmp_path / "run/downloads").exists()  # nothing was fetched
+
+
+def test_each_pool_gets_its_size_and_in_flight_bound_from_the_config(tmp_path, ray_loopback):
+    # Backpressure: an actor pool queues at most ray.<stage>.max_in_flight batches per actor.
+    from conftest import REPO
+
+    from ssam.pipeline.config import load_config
+    from ssam.pipeline.graph import build_dataset
+
+    cfg = load_config(
+        REPO / "configs/pipeline/smoke.yaml",
+        [
+            f"output.dir={tmp_path}",
+            "ray.masks.max_in_flight=1",
+            "ray.labels.max_workers=3",
+            "ray.write.max_workers=5",
+        ],
+    )
+    op, computes = build_dataset(cfg, [str(tmp_path / "00000")], str(tmp_path), {})._logical_plan.dag, {}
+    while op.input_dependencies:
+        computes[op.name] = op.compute
+        op = op.input_dependencies[0]
+    masks, labels = computes["MapBatches(MaskStage)"], computes["MapBatches(LabelStage)"]
+    assert (masks.min_size, masks.max_size, masks.max_tasks_in_flight_per_actor) == (1, 1, 1)
+    assert (labels.max_size, labels.max_tasks_in_flight_per_actor) == (3, 2)
+    assert computes["MapBatches(write_parts)"].size == 5
