@@ -125,3 +125,34 @@ def test_parts_are_exactly_once_under_retries_and_removed_when_interrupted(tmp_p
     removed = remove_incomplete(shards)
     assert removed == [f"{PARTS_DIR}/00001"] and not (shards / PARTS_DIR).exists()
     assert (shards / "00000.stats.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_masks_actor_is_survived_with_every_row_once(tmp_path, ray_loopback):
+    import os
+    import signal
+
+    import psutil
+
+    killed = []
+
+    def log(msg: str) -> None:
+        if msg.startswith("shard ") and not killed:
+            for p in psutil.process_iter(["cmdline"]):
+                if "MapBatches(MaskStage)" in " ".join(p.info["cmdline"] or []):
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+
+    cfg = load_config(
+        SMOKE,
+        [
+            f"output.dir={tmp_path / 'run'}",
+            f"input.path={REPO / 'sample/pairs.parquet'}",
+            "output.samples_per_shard=2",
+        ],
+    )
+    summary = run_pipeline(cfg, log=log)
+    assert killed, "the masks actor was not found"
+    assert summary.totals["input_rows"] == summary.totals["written"] + summary.totals["failed"] == 12
+    keys = [k for k, _, _ in iter_run_samples(tmp_path / "run")]
+    assert len(keys) == len(set(keys)) == summary.totals["written"] and validate_run(tmp_path / "run") == []
