@@ -35,14 +35,9 @@ def main() -> None:
         REPO / "configs/train/smoke.yaml",
         [
             f'data.shards=["{work / "shards"}"]',
-            "train.max_steps=1000",
-            "train.batch_size=4",
-            "train.lr=0.002",
-            "train.warmup_steps=20",
-            "train.semantic_weight=3",
+            "train.max_steps=1000",  # the shipped smoke recipe, as the learning test runs it
             "train.log_every=100",
             "train.checkpoint_every=1000",
-            "data.masks_per_image=4",
         ],
     )
     fit(Trainer(cfg, work / "run"), resume=False)

@@ -99,27 +99,39 @@ def _predict_options(args):
     from .amg import AmgSettings
     from .predict import PredictOptions
 
+    d = AmgSettings()
+    given = {"pred_iou_thresh": args.pred_iou_thresh, "stability_score_thresh": args.stability_thresh}
     amg = AmgSettings(
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_thresh,
+        pred_iou_thresh=d.pred_iou_thresh if args.pred_iou_thresh is None else args.pred_iou_thresh,
+        stability_score_thresh=d.stability_score_thresh
+        if args.stability_thresh is None
+        else args.stability_thresh,
         box_nms_thresh=args.nms_thresh,
         max_masks=args.max_masks,
         min_mask_area=args.min_mask_area,
     )
-    return PredictOptions(amg=amg, min_label_score=getattr(args, "min_label_score", 0.0))
+    from_checkpoint = tuple(k for k, v in given.items() if v is None)  # a flag beats the checkpoint
+    return PredictOptions(
+        amg=amg, from_checkpoint=from_checkpoint, min_label_score=getattr(args, "min_label_score", 0.0)
+    )
 
 
 def _add_generator_flags(p: argparse.ArgumentParser) -> None:
     from .amg import AmgSettings
 
     d = AmgSettings()  # one set of defaults: the pipeline's masks stage uses the same
+    recorded = "the value model.pt records (ssam-train's predict.* keys), else {}"
+    thresholds = [
+        ("--pred-iou-thresh", "keep masks with predicted IoU above this", d.pred_iou_thresh),
+        ("--stability-thresh", "keep masks with stability at least this", d.stability_score_thresh),
+    ]
+    for flag, text, default in thresholds:
+        p.add_argument(flag, type=float, default=None, help=f"{text} (default: {recorded.format(default)})")
     flags = [
         ("--points-per-side", int, d.points_per_side, "automatic mode: point grid per side"),
         ("--points-per-batch", int, d.points_per_batch, "point prompts per mask-decoder call"),
-        ("--pred-iou-thresh", float, d.pred_iou_thresh, "keep masks with predicted IoU above this"),
-        ("--stability-thresh", float, d.stability_score_thresh, "keep masks with stability at least this"),
         ("--nms-thresh", float, d.box_nms_thresh, "box IoU for NMS between masks"),
         ("--max-masks", int, d.max_masks, "at most this many masks per image, highest predicted IoU first"),
         ("--min-mask-area", int, d.min_mask_area, "drop masks with fewer pixels"),
@@ -162,7 +174,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         "--min-label-score",
         type=float,
         default=0.2,
-        help="label is none below this softmax probability (default 0.2)",
+        help="label is none below this probability: the model's softmax over the vocabulary, trained "
+        "with cross-entropy, so 0.5 means about half of such masks are named right (default 0.2)",
     )
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     _add_generator_flags(p)
@@ -230,6 +243,13 @@ def eval_main(argv: list[str] | None = None) -> int:
         f"on {result['matched_masks']} of {result['gt_masks']} GT masks matched at IoU >= 0.5"
     )
     print(f"{'IoU calib. error':<18}{result['iou_calibration_mae']:8.3f}   mean |predicted IoU - true IoU|")
+    for cut, r in result["label_score_reliability"].items():
+        acc = f"{'-':>8}" if r["accuracy"] is None else f"{100 * r['accuracy']:8.2f}"
+        name = "label acc. " + cut.removeprefix("score")
+        print(f"{name:<18}{acc}   on {r['masks']} matched masks with label score {cut[5:]}")
+    print(
+        f"thresholds: predicted IoU > {result['pred_iou_thresh']}, stability >= {result['stability_score_thresh']}"
+    )
     print(f"{result['images']} images, {result['detections']} detections")
     for e in result["unreadable_images"]:
         print(f"error: {e}", file=sys.stderr)

@@ -186,6 +186,7 @@ class Example:
     crop_emb: torch.Tensor | None  # MxD float32 (our shards) or None
     key: str
     background_xy: torch.Tensor | None = None  # Bx2 points on no annotated mask, input frame
+    candidates: list[str] | None = None  # the names the labeller chose among (our shards; None: SA-1B)
 
 
 def sam_input(model, img: np.ndarray) -> torch.Tensor:
@@ -199,7 +200,11 @@ def sam_input(model, img: np.ndarray) -> torch.Tensor:
 
 
 def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Example | None:
-    """Resize to the model's input, pick up to ``masks_per_image`` masks, sample a prompt for each."""
+    """Resize to the model's input, pick ``masks_per_image`` masks, sample a prompt for each.
+
+    An image with fewer masks than that has some picked again, each time with a fresh prompt: the
+    image is encoded once per step whatever the number of prompts, so prompts are cheap training.
+    """
     size = model.image_encoder.img_size
     resize = ResizeLongestSide(size)
     img = resize.apply_image(sample.image)
@@ -209,6 +214,8 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
     if not anns:
         return None
     pick = torch.randperm(len(anns), generator=g)[: cfg.masks_per_image].tolist()
+    if len(pick) < cfg.masks_per_image:  # few masks: prompt some again (a fresh point or box each)
+        pick += torch.randint(len(anns), (cfg.masks_per_image - len(pick),), generator=g).tolist()
     low = size // 4
     boxes, points, masks, labels, rows = [], [], [], [], []
     for j in pick:
@@ -249,6 +256,7 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
         emb,
         sample.key,
         background,
+        [c["label"] for c in sample.meta.get("candidates") or [] if c.get("label")] or None,
     )
 
 

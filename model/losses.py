@@ -3,9 +3,11 @@
 Masks: SAM's recipe -- focal + dice (20:1) per multimask output, only the lowest-loss output is
 trained, and MSE between each output's predicted IoU and its real IoU. Semantics, for labelled
 masks only: a contrastive loss between the chosen output's semantic embedding and the CLIP text
-embeddings of the labels in the batch (cross-entropy over the *distinct* labels, so two masks of
-the same label are positives of one class, never negatives of each other), and MSE between the
-predicted cosine score and CLIP's cosine of the mask crop with its label.
+embeddings of the names a mask could have had -- the batch's labels plus its images' candidates
+(cross-entropy over *distinct* names, so two masks of the same label are positives of one class,
+never negatives of each other; the softmax at the learned temperature is then the label
+probability that prediction reports) -- and MSE between the predicted cosine score and CLIP's
+cosine of the mask crop with its label.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def semantic_losses(
 
     Args:
         sem_md: unit semantic embeddings of the chosen outputs. score_m: their predicted cosines.
-        labels: the M label strings. text_ld: unit text embeddings of the batch's distinct labels.
+        labels: the M label strings. text_ld: unit text embeddings of the distinct class names
+            (every label among them).
         label_index: label -> row of ``text_ld``. scale: the (learned) temperature, exp(logit_scale).
         crop_emb_md: CLIP crop embeddings (rows of KEY.emb.npy); NaN rows or None: no score target.
     """

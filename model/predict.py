@@ -30,10 +30,16 @@ log = logging.getLogger("ssam.predict")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
+CHECKPOINT_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh")
+
+
 @dataclass
 class PredictOptions:
     amg: AmgSettings = field(default_factory=AmgSettings)  # automatic mode: the engine's settings
-    min_label_score: float = 0.2  # label is None below this softmax probability
+    # AmgSettings fields taken from the checkpoint's recorded predict defaults when it has them
+    # (ssam-train writes the thresholds suited to the model it trained); () keeps amg's own values.
+    from_checkpoint: tuple[str, ...] = CHECKPOINT_THRESHOLDS
+    min_label_score: float = 0.2  # label is None below this probability (softmax over the vocabulary)
     max_pixels: int = 64_000_000  # refuse larger images
 
 
@@ -44,6 +50,14 @@ class Loaded:
     smoke: bool
     vocab: list[str] = field(default_factory=list)
     vocab_emb: np.ndarray | None = None
+    predict_defaults: dict = field(default_factory=dict)  # what the checkpoint records (may be empty)
+
+
+def automatic_settings(loaded: Loaded, opts: PredictOptions) -> AmgSettings:
+    """``opts.amg`` with the fields named in ``opts.from_checkpoint`` replaced by the checkpoint's
+    recorded values, where it records them (older checkpoints do not: SAM's defaults then)."""
+    recorded = {k: float(v) for k, v in loaded.predict_defaults.items() if k in opts.from_checkpoint}
+    return dataclasses.replace(opts.amg, **recorded)
 
 
 def load_for_prediction(checkpoint: str, vocab_spec: str | list[str], device: str = "cpu") -> Loaded:
@@ -64,7 +78,10 @@ def load_for_prediction(checkpoint: str, vocab_spec: str | list[str], device: st
         )
     vocab = load_vocabulary(vocab_spec)
     smoke = bool(clip_info.get("smoke")) or model.config.sam_size == "smoke"
-    return Loaded(SemanticPredictor(model, device), clip_info, smoke, vocab, encode_texts(clip, vocab))
+    recorded = payload.get("predict_defaults") or {}
+    return Loaded(
+        SemanticPredictor(model, device), clip_info, smoke, vocab, encode_texts(clip, vocab), dict(recorded)
+    )
 
 
 def resolve_images(specs: list[str]) -> list[Path]:
@@ -104,7 +121,7 @@ def predict_image(loaded: Loaded, image: np.ndarray, opts: PredictOptions, boxes
     if boxes is not None:
         masks, iou, sem, score = pred.predict(boxes=np.asarray(boxes, np.float32))
     else:
-        masks, iou, sem, score = pred.generate(opts.amg)
+        masks, iou, sem, score = pred.generate(automatic_settings(loaded, opts))
     labels, probs = pred.name(sem, loaded.vocab_emb, loaded.vocab, opts.min_label_score)
     anns = []
     for i in range(len(masks)):
@@ -194,9 +211,10 @@ def match_metrics(gt_rles: list[dict], gt_names: list[str], anns: list[dict], ma
     Returns:
         ``best_iou``: per GT mask, the highest IoU of any prediction (0 without predictions);
         ``label_correct``: per matched GT mask, whether that best prediction's label is its name;
+        ``label_prob``: per matched GT mask, that prediction's label score;
         ``iou_error``: per prediction, |predicted IoU - its IoU with the GT mask it overlaps most|.
     """
-    out = {"best_iou": [0.0] * len(gt_rles), "label_correct": [], "iou_error": []}
+    out = {"best_iou": [0.0] * len(gt_rles), "label_correct": [], "label_prob": [], "iou_error": []}
     if not anns:
         return out
     dt = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()} for a in anns]
@@ -214,6 +232,17 @@ def match_metrics(gt_rles: list[dict], gt_names: list[str], anns: list[dict], ma
         for g, b in enumerate(best)
         if iou[b, g] >= match_iou
     ]
+    out["label_prob"] = [float(anns[b]["label_score"]) for g, b in enumerate(best) if iou[b, g] >= match_iou]
+    return out
+
+
+def label_reliability(probs: list[float], correct: list[bool], cut: float = 0.5) -> dict:
+    """Label accuracy of matched masks whose label score is at least ``cut`` and of those below it:
+    for a calibrated score, the first is above ``cut`` and the second below."""
+    p, c = np.asarray(probs, float), np.asarray(correct, bool)
+    out = {}
+    for name, sel in ((f"score>={cut}", p >= cut), (f"score<{cut}", p < cut)):
+        out[name] = {"masks": int(sel.sum()), "accuracy": float(c[sel].mean()) if sel.any() else None}
     return out
 
 
@@ -234,7 +263,7 @@ def evaluate_coco(
         opts, min_label_score=0.0
     )  # every mask gets its best category; AP ranks by score
     dets, missing = [], []
-    matches: dict[str, list] = {"best_iou": [], "label_correct": [], "iou_error": []}
+    matches: dict[str, list] = {"best_iou": [], "label_correct": [], "label_prob": [], "iou_error": []}
     cat_name = {c["id"]: c["name"] for c in cats}
     for img in gt.loadImgs(gt.getImgIds()):
         path = images_dir / img["file_name"]
@@ -277,6 +306,9 @@ def evaluate_coco(
         "matched_masks": len(matches["label_correct"]),
         "gt_masks": len(matches["best_iou"]),
         "iou_calibration_mae": float(np.mean(matches["iou_error"])) if matches["iou_error"] else 0.0,
+        "label_score_reliability": label_reliability(matches["label_prob"], matches["label_correct"]),
+        "pred_iou_thresh": automatic_settings(loaded, opts).pred_iou_thresh,
+        "stability_score_thresh": automatic_settings(loaded, opts).stability_score_thresh,
         "images": len(gt.getImgIds()),
         "detections": len(dets),
         "unreadable_images": missing,

@@ -90,7 +90,12 @@ class SemanticPredictor:
     def name(
         self, semantic_nd: np.ndarray, vocab_emb_vd: np.ndarray, vocab: list[str], min_label_score: float
     ) -> tuple[list[str | None], np.ndarray]:
-        """The nearest vocabulary entry per embedding and its softmax probability (None below the threshold)."""
+        """The nearest vocabulary entry per embedding and its probability (None below the threshold).
+
+        The probability is the softmax over the vocabulary at the learned temperature, which the
+        training's cross-entropy calibrates: of masks scored 0.5, about half are named right
+        (docs/TRAINING.md); with K names, 1/K is no preference.
+        """
         if len(semantic_nd) == 0:
             return [], np.zeros(0)
         scale = float(self.model.logit_scale.detach().exp().clamp(max=100))

@@ -9,7 +9,8 @@ additions in its token sequence::
 Semantic token ``i`` goes through an MLP head into the CLIP text-embedding space (L2-normalised):
 the name of mask ``i``. The score token predicts the cosine between that mask's CLIP crop
 embedding and its label's text embedding: how nameable the mask is. A learned temperature
-(``logit_scale``, CLIP-style) scales cosine logits for the contrastive loss and prediction.
+(``logit_scale``, CLIP-style, at most 100) scales cosine logits for the contrastive loss and
+prediction; the softmax over a vocabulary at that temperature is the label's probability.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ssam.io import atomic_path
 from .sam import build_sam_modules, get_sam_size
 
 CHECKPOINT_FORMAT = "ssam-semantic-sam"
+LOGIT_SCALE_MAX = math.log(100.0)  # the temperature exp(logit_scale) stays at most 100, as in CLIP
 CHECKPOINT_VERSION = 1
 
 
@@ -126,7 +128,10 @@ class SemanticSam(Sam):
             pixel_std=[58.395, 57.12, 57.375],
         )
         self.config = config
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # CLIP's trained temperature (100), not its from-scratch start (1/0.07 = 14): the text side
+        # is a trained CLIP whose names lie close together (cosine 0.8-0.99), and at 14 the logits
+        # of two names can differ by only a few units, so no label could be learnt with confidence.
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_MAX))
 
     def embed_images(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """Normalised, padded ``Bx3xSxS`` images -> image-encoder features ``BxCxhxw``."""
@@ -155,8 +160,9 @@ class SemanticSam(Sam):
         Returns:
             Per image, the four outputs of :meth:`SemanticMaskDecoder.predict_all` for its boxes
             followed by its points (``P + Q`` rows); and the temperature ``exp(logit_scale)``
-            (capped at 100), returned so that its use in the loss is part of this forward (DDP
-            tracks parameters through forward outputs).
+            (the trainer keeps it at most 100 by clamping the parameter, as CLIP does), returned
+            so that its use in the loss is part of this forward (DDP tracks parameters through
+            forward outputs).
         """
         if any(p.requires_grad for p in self.image_encoder.parameters()):
             feats = self.image_encoder(images_bchw)
@@ -172,7 +178,7 @@ class SemanticSam(Sam):
                 labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
                 parts.append(self.decode(feats[b : b + 1], points=(points[:, None, :], labels)))
             results.append(tuple(torch.cat(t, 0) for t in zip(*parts, strict=True)))
-        return results, self.logit_scale.exp().clamp(max=100)
+        return results, self.logit_scale.exp()
 
     @staticmethod
     def new_parameter_names(model: SemanticSam) -> set[str]:

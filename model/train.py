@@ -25,7 +25,14 @@ from ssam.io import atomic_path
 from .data import BadDataCounter, MixedSource, TarSource, prepare_example, resolve_tars
 from .label_engine import TextEmbeddingCache
 from .losses import mask_losses, semantic_losses
-from .semantic_sam import build_semantic_sam, load_model, load_sam_weights, read_checkpoint, save_model
+from .semantic_sam import (
+    LOGIT_SCALE_MAX,
+    build_semantic_sam,
+    load_model,
+    load_sam_weights,
+    read_checkpoint,
+    save_model,
+)
 from .train_config import TrainConfig
 
 
@@ -165,13 +172,20 @@ class Trainer:
             "mask_loss": mask_loss.item(),
             "iou_loss": iou_loss.item(),
             "mask_iou": best_iou.mean().item(),
+            # the IoU head against the truth on the trained (best) outputs; ssam-eval measures all masks
+            "iou_pred_error": (ious.gather(1, best[:, None])[:, 0] - best_iou).abs().mean().item(),
+            "temperature": scale.item(),
         }
         lab_rows = [i for i, lab in enumerate(labels) if lab]
         if lab_rows:
             rows = torch.tensor(lab_rows, device=dev)
             sem = sems[rows, best[rows]]
             score = scores[rows, best[rows]]
-            distinct = list(dict.fromkeys(labels[i] for i in lab_rows))
+            # Classes of the contrastive loss: the batch's labels plus its images' candidates (the
+            # names the labeller chose among), so that a step with one label still has negatives
+            # and the softmax is over the names a mask could have had, as at prediction time.
+            cands = [c for e in examples for c in e.candidates or []]
+            distinct = list(dict.fromkeys([labels[i] for i in lab_rows] + cands))
             text = torch.from_numpy(self.text.get(distinct)).to(dev)
             crop = self._crop_embeddings(examples, order, text.shape[1])[rows.cpu()].to(dev)
             con, sc, acc = semantic_losses(
@@ -195,6 +209,8 @@ class Trainer:
                 [p for p in self.core.parameters() if p.requires_grad], t.grad_clip
             )
         self.opt.step()
+        with torch.no_grad():  # CLIP's cap on the temperature, on the parameter: gradients always flow
+            self.core.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
         self.sched.step()
         self.step += 1
         metrics.update(
@@ -290,7 +306,11 @@ def fit(trainer: Trainer, resume: bool, report=None, progress: bool = True) -> P
             final,
             trainer.core,
             trainer.clip_info,
-            extra={"train_config": trainer.cfg.model_dump(mode="json"), "steps": trainer.step},
+            extra={
+                "train_config": trainer.cfg.model_dump(mode="json"),
+                "steps": trainer.step,
+                "predict_defaults": trainer.cfg.predict.model_dump(),
+            },
         )
     return final
 

@@ -52,7 +52,12 @@ class DataSection(_Section):
     mix: dict[str, float] = Field(
         {"ours": 4.0, "sa1b": 1.0}, description="sampling weight per source (the seed used 4:1)"
     )
-    masks_per_image: int = Field(8, ge=1, le=256, description="target masks sampled per image per step")
+    masks_per_image: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="target masks (prompts) per image per step; an image with fewer masks has some prompted again",
+    )
     min_mask_area: int = Field(16, ge=0, description="skip target masks smaller than this (pixels)")
     box_prompt_prob: float = Field(
         0.5, ge=0, le=1, description="chance a target is prompted by a box (else a point)"
@@ -109,10 +114,25 @@ class TrainSection(_Section):
         return self
 
 
+class PredictSection(_Section):
+    """Automatic-mode thresholds written into ``model.pt``: ``ssam-predict`` and ``ssam-eval`` use
+    them unless their flags say otherwise. SAM's own (0.88, 0.95) suit a model that starts from SAM;
+    a small model trained from scratch has softer, less certain masks and needs lower ones."""
+
+    pred_iou_thresh: float = Field(
+        0.88,
+        description="written into model.pt: automatic mode keeps masks whose predicted IoU is above this",
+    )
+    stability_score_thresh: float = Field(
+        0.95, description="written into model.pt: automatic mode keeps masks whose stability is at least this"
+    )
+
+
 class TrainConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    predict: PredictSection = Field(default_factory=PredictSection)
     seed: int = Field(0, description="seed of sampling, prompts and shuffling")
 
 

@@ -182,16 +182,53 @@ def test_match_metrics_on_known_masks():
     gt = [rle(0, 10, 0, 10), rle(10, 20, 10, 20), rle(0, 4, 16, 20)]
     names = ["square", "disk", "ring"]
 
-    def pred(r, label, iou):
+    def pred(r, label, iou, score):
         return {
             "segmentation": {"size": r["size"], "counts": r["counts"].decode()},
             "label": label,
+            "label_score": score,
             "predicted_iou": iou,
         }
 
-    preds = [pred(rle(0, 10, 0, 10), "square", 0.9), pred(rle(10, 20, 10, 15), "Square", 0.5)]
+    preds = [pred(rle(0, 10, 0, 10), "square", 0.9, 0.8), pred(rle(10, 20, 10, 15), "Square", 0.5, 0.3)]
     m = match_metrics(gt, names, preds)
     assert m["best_iou"] == pytest.approx([1.0, 0.5, 0.0])
     assert m["label_correct"] == [True, False]  # the third GT mask is unmatched
+    assert m["label_prob"] == [0.8, 0.3]
     assert m["iou_error"] == pytest.approx([0.1, 0.0])
     assert match_metrics(gt, names, [])["best_iou"] == [0.0, 0.0, 0.0]
+
+
+def test_label_reliability_splits_matched_masks_at_the_cut():
+    from ssam.model.predict import label_reliability
+
+    r = label_reliability([0.9, 0.7, 0.6, 0.2, 0.1], [True, True, False, False, True])
+    assert r["score>=0.5"] == {"masks": 3, "accuracy": pytest.approx(2 / 3)}
+    assert r["score<0.5"] == {"masks": 2, "accuracy": 0.5}
+    assert label_reliability([], [])["score>=0.5"] == {"masks": 0, "accuracy": None}
+
+
+def test_automatic_thresholds_come_from_the_checkpoint_unless_a_flag_is_given(tmp_path):
+    import argparse
+
+    from ssam.model.cli import _add_generator_flags, _predict_options
+    from ssam.model.predict import PredictOptions, automatic_settings, load_for_prediction
+
+    clip = {"name": "ssam-smoke-clip", "pretrained": None, "seed": 0, "embed_dim": 32, "smoke": True}
+    model = build_semantic_sam("smoke", 32, seed=1)
+    recorded = {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.6}
+    save_model(tmp_path / "new.pt", model, clip, extra={"predict_defaults": recorded})
+    save_model(tmp_path / "old.pt", model, clip)  # written before checkpoints recorded thresholds
+    p = argparse.ArgumentParser()
+    _add_generator_flags(p)
+    new = load_for_prediction(str(tmp_path / "new.pt"), "cat,dog")
+    old = load_for_prediction(str(tmp_path / "old.pt"), "cat,dog")
+
+    def thresholds(loaded, opts):
+        s = automatic_settings(loaded, opts)
+        return s.pred_iou_thresh, s.stability_score_thresh
+
+    assert thresholds(new, _predict_options(p.parse_args([]))) == (0.3, 0.6)
+    assert thresholds(new, _predict_options(p.parse_args(["--pred-iou-thresh", "0.7"]))) == (0.7, 0.6)
+    assert thresholds(old, _predict_options(p.parse_args([]))) == (0.88, 0.95)  # SAM's
+    assert thresholds(new, PredictOptions(from_checkpoint=())) == (0.88, 0.95)
