@@ -157,6 +157,8 @@ def check_capacity(cfg: PipelineConfig) -> None:
     w = cfg.ray.write
     for res, amount in (("CPU", w.num_cpus), *w.resources.items()):
         need[res] = need.get(res, 0.0) + amount  # at least one write task beside the pools
+    if cfg.download.distributor == "ray":
+        need["CPU"] = need.get("CPU", 0.0) + 1  # img2dataset's tasks (1 CPU each) fetch beside the graph
     short = {r: (n, have.get(r, 0.0)) for r, n in need.items() if n > have.get(r, 0.0) + 1e-9}
     if short:
         detail = ", ".join(f"{r}: needs {n:g}, cluster has {h:g}" for r, (n, h) in short.items())

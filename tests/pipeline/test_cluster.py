@@ -17,8 +17,10 @@ def cluster():
     c = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
     )  # head only drives
-    c.add_node(num_cpus=1, resources={"node_a": 1})
-    c.add_node(num_cpus=1, resources={"node_b": 1})
+    # Two CPUs per node: the pools take 1.75 CPUs in all, and img2dataset's Ray tasks (one CPU
+    # each) fetch beside them, since the graph starts while the download runs.
+    c.add_node(num_cpus=2, resources={"node_a": 1})
+    c.add_node(num_cpus=2, resources={"node_b": 1})
     c.wait_for_nodes()
     ray.init(address=c.address)
     assert c.address.startswith("127.0.0.1:") and ray.util.get_node_ip_address() == "127.0.0.1"
