@@ -10,6 +10,7 @@ objects one batch at a time in this process (tests, debugging, the benchmark's b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from ssam import storage
@@ -95,11 +96,16 @@ def init_ray(cfg: PipelineConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        # Under `ray job submit` the job already has a runtime env (its working_dir, our cwd):
+        # passing another one here would replace it, and Ray would then delete the working_dir
+        # under our feet (img2dataset's processes start from the cwd). Only a Ray of our own
+        # gets ours.
+        joining = cfg.ray.address is not None or "RAY_ADDRESS" in os.environ
         ray.init(
             address=cfg.ray.address,
             include_dashboard=False,
             log_to_driver=True,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env=None if joining else {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
         )
 
 

@@ -19,6 +19,9 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -28,12 +31,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ssam import storage, urlguard
+from ssam import storage
 from ssam.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete
 from ssam.stages.common import OK
 from ssam.stages.download import (
     DOWNLOAD_DONE,
-    DownloadConfig,
     Downloader,
     expected_shards,
     write_download_input,
@@ -138,56 +140,44 @@ def start_download(
     it ends, with the error if it failed; then ``downloader.error`` holds that error (or None)
     and ``downloader.finished_at`` the time. ``ray_address``: the cluster img2dataset's Ray
     distributor joins."""
-    import multiprocessing
-
     storage.makedirs(download_dir)
     storage.rm(storage.join(download_dir, DOWNLOAD_DONE))
     downloader.error, downloader.finished_at = None, None
-    args = (downloader.cfg.model_dump(), downloader.samples_per_shard, downloader.image_size)
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_download_process,
-        args=(*args, str(input_parquet), str(download_dir), ray_address),
-        name="img2dataset",
+    spec = {
+        "cfg": downloader.cfg.model_dump(),
+        "per_shard": downloader.samples_per_shard,
+        "image_size": downloader.image_size,
+        "input": str(input_parquet),
+        "folder": str(download_dir),
+        "ray_address": ray_address,
+    }
+    # A fresh interpreter that imports only what fetching needs (not multiprocessing's spawn,
+    # which re-imports the caller's main script); its stderr is kept so that a crash says why.
+    errors = tempfile.NamedTemporaryFile(prefix="ssam-img2dataset-", suffix=".stderr", delete=False)
+    # cwd: a folder that stays. Under `ray job submit` ours is the job's working_dir, which Ray
+    # can remove while the job runs; img2dataset's processes start from the cwd.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssam.pipeline.download_process", json.dumps(spec)],
+        stderr=errors,
+        cwd=tempfile.gettempdir(),
     )
-    proc.start()
 
     def watch():
-        proc.join()
+        proc.wait()
+        errors.close()
         marker = storage.join(download_dir, DOWNLOAD_DONE)
-        if not storage.exists(marker):  # killed before it could say so
-            storage.write_json(marker, {"error": f"img2dataset process died (exit code {proc.exitcode})"})
+        if not storage.exists(marker):  # died before it could say so
+            tail = Path(errors.name).read_text(errors="replace")[-1500:].strip()
+            storage.write_json(
+                marker, {"error": f"img2dataset process died (exit code {proc.returncode}): {tail}"}
+            )
+        os.unlink(errors.name)
         downloader.error = storage.read_json(marker).get("error")
         downloader.finished_at = time.time()
 
     thread = threading.Thread(target=watch, name="img2dataset-watch", daemon=True)
     thread.start()
     return thread
-
-
-def _download_process(
-    cfg: dict, per_shard: int, image_size: int, input_parquet: str, folder: str, ray_address
-):
-    """The download process: img2dataset, then the done marker (with the error, if any)."""
-    error = None
-    try:
-        runtime_env = None
-        if not cfg.get("allow_private_hosts"):
-            # every connection of every fetch, redirects included, is checked where it is made:
-            # here, in img2dataset's spawned pool (the environment) and in its Ray tasks
-            guard_env = urlguard.child_environment(cfg.get("allow_networks", ()))
-            os.environ.update(guard_env)
-            urlguard.install(cfg.get("allow_networks", ()))
-            runtime_env = {"env_vars": guard_env}
-        if cfg.get("distributor") == "ray":
-            import ray
-
-            ray.init(
-                address=ray_address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env
-            )
-        Downloader(DownloadConfig(**cfg), per_shard, image_size)(input_parquet, folder)
-    except BaseException as e:  # the driver raises it again from the marker
-        error = f"{type(e).__name__}: {e}"
-    storage.write_json(storage.join(folder, DOWNLOAD_DONE), {"error": error})
 
 
 def collect_totals(run: str, input_rows: int) -> dict:
@@ -225,7 +215,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
     from .graph import check_capacity, init_ray, run_local, run_ray
 
     started = time.perf_counter()
-    run = cfg.output.dir if storage.is_remote(cfg.output.dir) else str(Path(cfg.output.dir))
+    run = cfg.output.dir if storage.is_remote(cfg.output.dir) else str(Path(cfg.output.dir).resolve())
     manifest_path = storage.join(run, MANIFEST)
     fingerprint = config_fingerprint(cfg)
     previous = storage.read_json(manifest_path) if storage.exists(manifest_path) else None
@@ -284,9 +274,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
             import ray
 
             ray_address = ray.get_runtime_context().gcs_address
-        thread = start_download(
-            downloader, storage.join(run, "work", "download_input.parquet"), downloads, ray_address
-        )
+        download_input = storage.join(run, "work", "download_input.parquet")
+        thread = start_download(downloader, download_input, downloads, ray_address)
         executor = run_ray if cfg.ray.executor == "ray" else run_local
         try:
             stems = [storage.join(downloads, f"{sid:05d}") for sid in sorted(pending)]

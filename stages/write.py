@@ -148,7 +148,7 @@ def finalize_shard(shard_dir: str, shard_id: int, provenance: dict) -> dict:
         "outcomes": dict(outcomes),
         "labelled": labelled,
         "failures_by_stage": dict(Counter(f.stage for f in content.failures)),
-        "stage_seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "stage_seconds": {k: round(v, 4) for k, v in seconds.items() if counted[k]},  # stages that ran
         "provenance": provenance,
     }
     write_shard(shard_dir, content)
