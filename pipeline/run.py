@@ -185,7 +185,8 @@ def collect_totals(run: str, input_rows: int) -> dict:
     by_reason: Counter = Counter()
     shard_dir = storage.join(run, "shards")
     ann = labelled = 0
-    for sid in complete_shards(shard_dir):
+    shards = complete_shards(shard_dir)  # one listing (a remote call in object storage)
+    for sid in shards:
         stats = storage.read_json(storage.join(shard_dir, f"{sid:05d}.stats.json"))
         by_reason.update(stats["outcomes"])
         ann += stats["annotations"]
@@ -199,7 +200,7 @@ def collect_totals(run: str, input_rows: int) -> dict:
         "written": written,
         "failed": sum(by_reason.values()),
         "by_reason": dict(by_reason),
-        "shards": len(complete_shards(shard_dir)),
+        "shards": len(shards),
         "annotations": ann,
         "labelled": labelled,
     }
