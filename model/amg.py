@@ -8,10 +8,11 @@ built from its helpers. What differs is where and how often the work happens:
 
 * the prompts of all images and crops of a call share mask-decoder calls (``points_per_batch``
   prompts each), each prompt with its own image embedding;
-* only the masks that pass the predicted-IoU filter are upscaled; stability, boxes, crop-edge
-  filtering and the RLE run counts are computed on the device, chunk by chunk, keeping only
-  survivors; NMS runs once per call for all images (one category per crop, then per image);
-* only the masks that survive NMS leave the device, as run counts in one transfer.
+* only the masks that pass the predicted-IoU filter are upscaled; stability, boxes and crop-edge
+  filtering are computed on the device, chunk by chunk, keeping only the survivors' low-res
+  logits; NMS runs once per call for all images (one category per crop, then per image);
+* only the masks that survive NMS are upscaled again and run-length encoded, on the device, and
+  leave it as run counts in one transfer.
 
 Added on top: ``min_mask_area`` (empty and degenerate masks are dropped), ``max_masks``, the
 semantic embedding and score of each mask for a Semantic-SAM, and CUDA out-of-memory halving.
@@ -343,31 +344,58 @@ class MaskEngine:
         with record_function("amg.select"):
             return self._select(images, jobs, cat, points, return_masks, dim)
 
-    def _survivors(self, images, jobs, j, low_bhw, iou, prompt, extras) -> dict[str, torch.Tensor]:
-        """Upscale one crop's IoU survivors; keep the stable, inner, big-enough ones as runs."""
-        s, thr = self.s, self.model.mask_threshold
-        i, box, _ = jobs[j]
-        x0, y0, x1, y1 = box
-        h, w = images[i].shape[:2]
+    def _upscale(self, images, jobs, j, low_bhw) -> torch.Tensor:
+        """Crop ``j``'s low-res logits upscaled to the crop's pixels, as the generator does."""
+        i, (x0, y0, x1, y1), _ = jobs[j]
         crop_hw = (y1 - y0, x1 - x0)
         input_hw = self.transform.get_preprocess_shape(*crop_hw, self.transform.target_length)
-        logits = self.model.postprocess_masks(low_bhw[:, None], input_hw, crop_hw)[:, 0]
+        return self.model.postprocess_masks(low_bhw[:, None], input_hw, crop_hw)[:, 0]
+
+    def _survivors(self, images, jobs, j, low_bhw, iou, prompt, extras) -> dict[str, torch.Tensor]:
+        """Upscale one crop's IoU survivors; keep the stable, inner, big-enough ones.
+
+        Only their low-res logits are kept: the few that survive NMS are upscaled once more
+        for their RLEs (:meth:`_rles`), so no run lengths are computed for masks NMS drops.
+        """
+        s, thr = self.s, self.model.mask_threshold
+        i, box, _ = jobs[j]
+        h, w = images[i].shape[:2]
+        logits = self._upscale(images, jobs, j, low_bhw)
         stability = calculate_stability_score(logits, thr, s.stability_score_offset)
         if s.stability_score_thresh > 0:  # as the generator: a NaN score (empty mask) passes a 0 threshold
             ok = (stability >= s.stability_score_thresh).nonzero()[:, 0]
             binary, iou, stability, prompt = (logits > thr)[ok], iou[ok], stability[ok], prompt[ok]
-            extras = [x[ok] for x in extras]
+            low_bhw, extras = low_bhw[ok], [x[ok] for x in extras]
         else:
             binary = logits > thr
         boxes = batched_mask_to_box(binary).long()  # float zeros when no mask is left: keep int64
         area = binary.sum((-2, -1), dtype=torch.int32).long()  # int32 sums of bools: half the copy of int64
         ok = ~is_box_near_crop_edge(boxes, box, [0, 0, w, h]) & (area >= s.min_mask_area)
-        runs, lengths = rle_runs(uncrop_masks(binary[ok], box, h, w))
-        out = dict(runs=runs, lengths=lengths, iou=iou[ok], stability=stability[ok], area=area[ok])
+        out = dict(low=low_bhw[ok], iou=iou[ok], stability=stability[ok], area=area[ok])
         out.update(boxes=uncrop_boxes_xyxy(boxes[ok], box), prompt=prompt[ok])
         if extras:
             out["semantic"], out["score"] = extras[0][ok], extras[1][ok]
         return out
+
+    def _rles(self, images, jobs, cat, keep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run lengths of masks ``keep`` (in that order): upscaled again, crop by crop, in chunks."""
+        s, thr = self.s, self.model.mask_threshold
+        job = cat["job"][keep]
+        by_job = job.argsort(stable=True)
+        runs, lengths = [], []
+        for j in torch.unique_consecutive(job[by_job]).tolist():
+            i, box, _ = jobs[j]
+            h, w = images[i].shape[:2]
+            for idx in keep[by_job][job[by_job] == j].split(s.points_per_batch):
+                binary = self._upscale(images, jobs, j, cat["low"][idx]) > thr
+                r, n = rle_runs(uncrop_masks(binary, box, h, w))
+                runs.append(r)
+                lengths.append(n)
+        if not runs:
+            empty = torch.zeros(0, dtype=torch.int64, device=keep.device)
+            return empty, empty
+        # Computed in job order; take_runs puts them back in keep's order.
+        return take_runs(torch.cat(runs), torch.cat(lengths), by_job.argsort())
 
     def _select(self, images, jobs, cat, points, return_masks, dim) -> list[ImageMasks]:
         """NMS over the whole group, then one transfer of the survivors; records on the CPU."""
@@ -385,7 +413,7 @@ class MaskEngine:
             keep = keep[key[keep].argsort(descending=descending, stable=True)]
         if s.min_mask_region_area == 0:  # masks change no more: only the kept leave the device
             keep = top_k_per_group(keep, iou, image, s.max_masks)
-        runs, lengths = take_runs(cat["runs"], cat["lengths"], keep)
+        runs, lengths = self._rles(images, jobs, cat, keep)
         rle = torch.cat([lengths, runs]).cpu().numpy()
         ints = [image[keep], job[keep], cat["prompt"][keep], cat["area"][keep]]
         ints = torch.cat([torch.stack(ints, 1), cat["boxes"][keep]], 1).cpu().numpy()
