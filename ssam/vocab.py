@@ -18,6 +18,7 @@ Names are lower-cased and ``_`` read as a space; a ``(qualifier)`` disambiguates
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import resources
@@ -180,7 +181,88 @@ def singular(word: str) -> str:
     return lemmas[0] if lemmas else word
 
 
-_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*'?|\d+|\S")
+@cache
+def _lemminflect_oov() -> tuple[list[tuple[int, str, bool]], dict, dict] | None:
+    """How lemminflect lemmatises a word it has no NOUN entry for: its suffix rules (strip so many
+    letters, add these, maybe drop the last letter), with its word tables (lemmas, overrides).
+    None where that is not known; then every word is lemmatised, as before.
+
+    lemminflect 0.2.3 gives such a word the lemma of one of its rules, its model choosing which
+    ("berries" -> "berr" + "y"). This reads its internals, so it holds for that version only, and it
+    checks itself on a few words.
+    """
+    try:
+        import lemminflect
+
+        if lemminflect.__version__ != "0.2.3":
+            return None
+        lemmatizer = lemminflect.Lemmatizer()
+        rules = []
+        for rule in lemmatizer._getOOVLemmatizer().rules:
+            strip, add, undouble = rule.split(",")
+            if add != add.lower() or undouble not in ("True", "False"):
+                return None
+            rules.append((len(strip), add, undouble == "True"))
+        lemmas, overrides = lemmatizer._getLemmaDict(), lemmatizer._getOverridesDict()
+        for word in ("woodentables", "glassberries", "foxxes", "cupcakes"):
+            known = "NOUN" in lemmas.get(word, ()) or "NOUN" in overrides.get(word, ())
+            if not known and singular(word) not in _rule_lemmas(word, rules):
+                return None
+        return rules, lemmas, overrides
+    except Exception:  # any surprise just turns the shortcut off
+        return None
+
+
+def _rule_lemmas(word: str, rules: list[tuple[int, str, bool]]) -> set[str]:
+    """The lemmas lemminflect's suffix rules can give ``word`` (as its ``_applyRule``)."""
+    lemmas = set()
+    for strip, add, undouble in rules:
+        lemma = (word[:-strip] if strip else word) + add
+        lemmas.add(lemma[:-1] if undouble else lemma)
+    return lemmas
+
+
+class _SingularGuard:
+    """Tells, without lemmatising a word (slow: a small neural net), when its :func:`singular` cannot
+    be one of ``keys``: a lower-case ASCII word that lemminflect has no entry for gets one of the
+    lemmas of its suffix rules, so it is enough that none of those is a key. The rules are turned
+    around once: per strip length, the stems whose rule lemma is a key."""
+
+    def __init__(self, keys: set[str]):
+        self.keys = keys
+        oov = _lemminflect_oov()
+        self.on = oov is not None
+        by_strip: dict[int, tuple[set[str], list[bool]]] = {}
+        for strip, add, undouble in oov[0] if oov else ():
+            stems, drops = by_strip.setdefault(strip, (set(), [False]))
+            if undouble and not add:
+                drops[0] = True  # the lemma is the stem less its last letter
+            else:  # the lemma is the stem + tail
+                tail = add[:-1] if undouble else add
+                stems.update(key[: len(key) - len(tail)] for key in keys if key.endswith(tail))
+        self.by_strip = [(strip, frozenset(stems), drops[0]) for strip, (stems, drops) in by_strip.items()]
+
+    def may_be_key(self, word: str) -> bool:
+        """False only when ``singular(word)`` is sure not to be one of the keys."""
+        if word in self.keys or word in _KEEP_PLURAL or word in _LEMMA_FIX or len(word) < 3:
+            return True
+        if not self.on or not (word.isascii() and word.islower()):
+            return True
+        _, lemmas, overrides = _lemminflect_oov()
+        if "NOUN" in lemmas.get(word, ()) or "NOUN" in overrides.get(word, ()):
+            return True  # lemminflect knows the word: its lemma may be anything ("mice" -> "mouse")
+        for strip, stems, drops in self.by_strip:
+            stem = word[:-strip] if strip else word
+            if stem in stems or (drops and stem[:-1] in self.keys):
+                return True
+        return False
+
+
+# One caption word, as the pattern below finds it: letters with inner apostrophes ("rock'n'roll") and a
+# possessive ending ("dog's", "dogs'"). Anything else is a digit run or a single character.
+_ALPHA = r"[A-Za-z]+(?:'[A-Za-z]+)*'?"
+_WORD = re.compile(rf"{_ALPHA}|\d+|\S")
+_ALPHA_SPLIT = re.compile(f"({_ALPHA})")  # split() -> [gap, word, gap, word, ..., gap]
 _FUNCTION_WORDS = {
     "a", "an", "the", "of", "and", "or", "with", "without", "on", "in", "at", "to", "for", "from", "by",
     "is", "are", "was", "be", "it", "its", "his", "her", "their", "this", "that", "as", "into", "onto",
@@ -225,7 +307,11 @@ class _Token:
 
 
 def tokenize(caption: str) -> list[_Token]:
-    """Words of a caption with the breaks between them; ``'s`` and ``s'`` become a flag."""
+    """Words of a caption with the breaks between them; ``'s`` and ``s'`` become a flag.
+
+    The reference tokeniser (vocabulary surfaces, definitions); :class:`CaptionMatcher` reads captions
+    with :func:`_split_caption`, which splits them the same way.
+    """
     tokens, brk, prev_end = [], True, 0
     for m in _WORD.finditer(caption):
         t = m.group()
@@ -256,6 +342,64 @@ def surface_words(surface: str) -> tuple[str, ...]:
     return tuple(t.low for t in tokenize(plain_name(surface)))
 
 
+@lru_cache(maxsize=4096)
+def _gap_breaks(gap: str) -> bool:
+    """Whether the text between two words of an ASCII caption breaks a phrase: anything but spaces or
+    one joining hyphen ("hot-air"); a digit, a comma, " - " all break."""
+    return not (gap.isspace() or gap == "-")
+
+
+_NO_BREAKS = (True,) + (False,) * 255  # read-only, so one shared tuple serves every short caption
+
+
+def _no_breaks(n: int) -> Sequence[bool]:
+    """``brk`` flags of ``n`` words with only spaces between them (only the first word starts anew)."""
+    return _NO_BREAKS if n <= len(_NO_BREAKS) else [True] + [False] * (n - 1)
+
+
+def _split_caption(caption: str) -> tuple[list[str], Sequence[bool], list[str] | None]:
+    """A caption's words as :func:`tokenize` finds them (before ``_word_info``), each word's ``brk``
+    flag (a read-only sequence; it may run on past the last word), and the caption as
+    ``[gap, word, gap, word, ..., gap]`` (None: words and single spaces).
+
+    Most captions are ASCII words and single spaces: one ``str.split``, nothing breaks. Other ASCII
+    captions are one ``re.split`` (the words are ASCII letter runs; a gap breaks unless it is blank or
+    a lone hyphen). Otherwise a non-ASCII letter ("é") is a word of its own, as in :func:`tokenize`,
+    and the walk below repeats tokenize's rules.
+    """
+    try:
+        ascii_only = caption.isascii()
+    except AttributeError:  # not a string: the walk below fails as tokenize does (TypeError)
+        ascii_only = False
+    if ascii_only:
+        if "  " not in caption and caption.replace(" ", "").isalpha():
+            tokens = caption.split()
+            return tokens, _no_breaks(len(tokens)), None
+        pieces = _ALPHA_SPLIT.split(caption)
+        if len(pieces) == 1:
+            return [], [], pieces
+        gaps = pieces[2:-1:2]  # the gaps between words; the first word always starts a phrase
+        if gaps.count(" ") == len(gaps):
+            return pieces[1::2], _no_breaks(len(pieces) // 2), pieces
+        return pieces[1::2], [True, *map(_gap_breaks, gaps)], pieces
+    pieces, brks, brk, prev_end, word_end = [], [], True, 0, 0
+    for m in _WORD.finditer(caption):
+        t = m.group()
+        if not t[0].isalpha():
+            hyphen = (
+                t == "-" and m.start() == prev_end and m.end() < len(caption) and caption[m.end()].isalpha()
+            )
+            brk = brk or not hyphen
+            prev_end = m.end()
+            continue
+        pieces += (caption[word_end : m.start()], t)
+        brks.append(brk)
+        brk, prev_end = False, m.end()
+        word_end = prev_end
+    pieces.append(caption[word_end:])
+    return pieces[1::2], brks, pieces
+
+
 @dataclass(frozen=True)
 class Match:
     """A category a caption names, and the caption's words for it (``("pram",)``, ``("man", "men")``)."""
@@ -265,12 +409,39 @@ class Match:
 
 
 @dataclass(slots=True)
+class _Word:
+    """A caption word and what the span search needs to know of it; the matcher keeps one per
+    distinct word (captions share a small, Zipfian vocabulary), so a caption costs a dict look-up per
+    word, not a lemmatisation and an object. (Slots: the fastest attribute reads.)"""
+
+    text: str  # the word without possessive ending: "Dog's" -> "Dog"
+    low: str
+    form: str  # singular of ``low``
+    possessive: bool
+    camel: bool  # BlackBerry, iPhone: a name, never a plain vocabulary word
+    reach: int  # the most words a phrase starting here may span (1: this word alone); see _new_word
+    hit: tuple[int, ...] | None  # the index entry of this word alone, None when it has none
+    inert: bool  # hit is None and reach == 1: no span starts here (most words)
+    longest: int  # the longest key starting with ``low`` (1: none of two or more words)
+    seconds: frozenset[str]  # the second words of the keys starting with ``low``
+    joinable: bool  # may be glued to its neighbours into a compound ("hot dog" -> "hotdog")
+    content: bool  # not a function word
+    check: bool  # a span ending on this word may not name an object (_not_an_object has work to do)
+    cues: set[str] | None  # a brand's cue words (brands.txt), None when the word names no brand
+    head_noun: bool  # in HEAD_NOUNS: the word before it is a modifier ("dog print")
+
+
+@dataclass(slots=True)
 class _Span:
     start: int
     end: int
     cands: tuple[int, ...]  # category indices; () when the words name no category
-    cat: int = -1  # the chosen index, -1 when none
-    keep: bool = True
+    cat: int  # the chosen index, -1 when none
+    keep: bool
+
+
+_MISSING = object()
+_NONE: frozenset[str] = frozenset()
 
 
 class CaptionMatcher:
@@ -283,6 +454,9 @@ class CaptionMatcher:
         lexicon: lay the bundled English lexicon and brand list over the vocabulary (``lexicon.txt``,
             ``brands.txt``).
     """
+
+    # Entries each of the matcher's memories (words, compounds, matches) holds; a full one starts over.
+    _CACHE_SIZE = 200_000
 
     def __init__(self, categories: list[Category], synonyms=(), lexicon: bool = True):
         self.categories = list(categories)
@@ -307,10 +481,38 @@ class CaptionMatcher:
         # Where a phrase can start: its first word -> the longest key it starts; joinable prefixes.
         self._reach: dict[str, int] = {}
         self._join_heads: set[str] = set()
+        # The proper prefixes of keys of two or more words: a phrase of k words can only be a key (as
+        # is or with its last word singular) when its first k - 1 words are one of these.
+        self._prefixes: set[tuple[str, ...]] = set()
         for key in self.index:
             self._reach[key[0]] = max(self._reach.get(key[0], 1), len(key))
             if len(key) == 1 and len(key[0]) >= 4:
                 self._join_heads.update(key[0][:n] for n in range(2, len(key[0]) - 1))
+            self._prefixes.update(key[:n] for n in range(1, len(key)))
+        # A key's first word -> the words that follow it in keys: most pairs of words start no key.
+        seconds: dict[str, set[str]] = {}
+        for key in self.index:
+            if len(key) > 1:
+                seconds.setdefault(key[0], set()).add(key[1])
+        self._seconds = {first: frozenset(s) for first, s in seconds.items()}
+        self._guard: _SingularGuard | None = None  # for _compound
+        self._words: dict[str, _Word] = {}  # caption token -> _Word, filled as captions come
+        self._compounds: dict[str, tuple[int, ...] | None] = {}  # "hotdog" -> its index entry
+        self._kinds: dict[tuple[int, int], bool] = {}  # _is_kind_of's answers
+        self._def_forms: dict[int, frozenset[str]] = {}  # _definition_forms
+        self._matches: dict[tuple[int, tuple[str, ...]], Match] = {}
+
+    def __getstate__(self) -> dict:
+        """Pickled (sent to a worker) without its memories: they fill again as captions come."""
+        return {
+            **self.__dict__,
+            "_words": {},
+            "_compounds": {},
+            "_kinds": {},
+            "_def_forms": {},
+            "_matches": {},
+            "_guard": None,
+        }
 
     def _resolve(self, canonical: str, add_missing: bool) -> int | None:
         if canonical in self._by_name:
@@ -336,79 +538,210 @@ class CaptionMatcher:
                         ids.append(i)
         self.index.update({k: tuple(v) for k, v in layer.items()})
 
+    def _words_of(self, tokens: list[str]) -> list[_Word]:
+        """Each token's :class:`_Word`, made on first sight."""
+        try:
+            return list(map(self._words.__getitem__, tokens))  # all seen before: no Python-level loop
+        except KeyError:
+            get = self._words.get
+            return [get(t) or self._new_word(t) for t in tokens]
+
+    def _new_word(self, t: str) -> _Word:
+        text, low, form, possessive, camel = _word_info(t)
+        joinable = len(low) > 1 and low not in _FUNCTION_WORDS
+        # How far a phrase from here may run, as the search has always tried: the longest key starting
+        # with the word or its singular, 3 for a prefix of a compound ("hot" of "hotdog").
+        joins = low in self._join_heads and low not in _FUNCTION_WORDS
+        reach = 1 if camel else max(self._reach.get(low, 1), self._reach.get(form, 1), 3 if joins else 1)
+        # Longer tries than these cannot hit: a phrase of k words is a key of k words starting with
+        # `low` (the singular only replaces the last word), or 2 or 3 joinable words glued together.
+        longest = self._reach.get(low, 1)
+        reach = min(reach, max(longest, 3 if joinable else 1))
+        hit = self.index.get((low,))
+        if hit is None and form != low:
+            hit = self.index.get((form,))
+        check = (
+            (possessive and (form != low or low.endswith("s")))
+            or low in _QUANTITY
+            or (low in _COLOUR_THINGS and form == low)
+            or low in _MATERIALS
+        )
+        word = _Word(
+            text=text,
+            low=low,
+            form=form,
+            possessive=possessive,
+            camel=camel,
+            reach=reach,
+            hit=hit,
+            inert=hit is None and reach == 1,
+            longest=longest,
+            seconds=self._seconds.get(low, _NONE),
+            joinable=joinable,
+            content=low not in _FUNCTION_WORDS,
+            check=check,
+            cues=self.brand_cues.get(low),
+            head_noun=low in HEAD_NOUNS,
+        )
+        if len(self._words) >= self._CACHE_SIZE:
+            self._words.clear()
+        self._words[t] = word
+        return word
+
     def __call__(self, caption: str) -> list[Match]:
-        toks = tokenize(caption)
-        spans = self._spans(toks)
-        context = {t.form for t in toks if t.low not in _FUNCTION_WORDS}
-        title_case = _is_title_case(toks)
-        for s in spans:
-            if s.cands and not self._is_brand(toks, s, context, title_case):
-                s.cat = self._sense(s, toks, context)
-            s.keep = s.cat >= 0 and not _not_an_object(toks, s)
-        self._drop_modifiers(toks, spans, title_case)
-        found: dict[int, list[str]] = {}
-        for s in spans:
-            if s.keep:
-                words = caption[toks[s.start].span[0] : toks[s.end - 1].span[1]]
-                if words not in found.setdefault(s.cat, []):
-                    found[s.cat].append(words)
-        return [Match(self.categories[i], tuple(w)) for i, w in found.items()]
+        tokens, brks, pieces = _split_caption(caption)
+        try:
+            words = list(map(self._words.__getitem__, tokens))  # (_words_of, inline: the common case)
+        except KeyError:
+            words = self._words_of(tokens)
+        spans, pending = self._spans(words, brks)
+        # The spans whose category _spans left open: brands and words of several senses. The caption's
+        # content words and whether it is Title Case are made only for these (most captions have none).
+        if pending:
+            context = {w.form for w in words if w.content}
+            title_case = _is_title_case(words)
+            for s in pending:
+                cues = words[s.start].cues if s.end - s.start == 1 else None
+                if cues is None or not self._is_brand(words, s, cues, context, title_case):
+                    s.cat = self._sense(s, words, context)
+                s.keep = s.cat >= 0 and not (words[s.end - 1].check and _not_an_object(words, brks, s))
+        # Left to right, drop modifiers ("dog bed") and gather the rest: a span's `keep` is final once
+        # the span before it is done (that one may drop it as its head).
+        found: dict[int, tuple[str, ...]] = {}  # category index -> its words, in caption order
+        n = len(words)
+        for j, s in enumerate(spans):
+            if not s.keep:
+                continue
+            if s.end < n and not brks[s.end]:  # a word follows
+                head = spans[j + 1] if j + 1 < len(spans) and spans[j + 1].start == s.end else None
+                if words[s.end].head_noun or (
+                    head is not None and self._modifies(words, brks, spans, s, head)
+                ):
+                    s.keep = False
+                    continue
+            surface = words[s.start].text if s.end - s.start == 1 else _surface(tokens, pieces, words, s)
+            seen = found.get(s.cat)
+            if seen is None:
+                found[s.cat] = (surface,)
+            elif surface not in seen:
+                found[s.cat] = (*seen, surface)
+        # One (immutable) Match per distinct (category, words), kept: a frozen dataclass is slow to build.
+        try:
+            return list(map(self._matches.__getitem__, found.items()))
+        except KeyError:
+            if len(self._matches) >= self._CACHE_SIZE:
+                self._matches.clear()
+            for pair in found.items():
+                if pair not in self._matches:
+                    self._matches[pair] = Match(self.categories[pair[0]], pair[1])
+            return list(map(self._matches.__getitem__, found.items()))
 
     def phrase_category(self, phrase: str) -> Category | None:
         """The category a whole phrase names ("cellphone", "tabby cat"), or None."""
-        toks = tokenize(phrase)
-        spans = self._spans(toks)
-        if len(spans) != 1 or (spans[0].start, spans[0].end) != (0, len(toks)) or not spans[0].cands:
+        tokens, brks, _ = _split_caption(phrase)
+        words = self._words_of(tokens)
+        spans, _ = self._spans(words, brks)
+        if len(spans) != 1 or (spans[0].start, spans[0].end) != (0, len(words)) or not spans[0].cands:
             return None
-        return self.categories[self._sense(spans[0], toks, {t.form for t in toks})]
+        return self.categories[self._sense(spans[0], words, {w.form for w in words})]
 
-    def _spans(self, toks: list[_Token]) -> list[_Span]:
-        spans, i, n = [], 0, len(toks)
-        while i < n:
-            t = toks[i]
-            joins = t.low in self._join_heads and t.low not in _FUNCTION_WORDS
-            reach = (
-                1
-                if t.camel
-                else max(self._reach.get(t.low, 1), self._reach.get(t.form, 1), 3 if joins else 1)
-            )
-            limit = 1
-            while limit < reach and i + limit < n and not (toks[i + limit].brk or toks[i + limit].camel):
-                limit += 1  # a phrase does not run over punctuation or into a name
-            for k in range(limit, 0, -1):
-                hit = self._lookup(toks[i : i + k])
-                if hit is not None:
-                    spans.append(_Span(i, i + k, hit))
-                    i += k
-                    break
+    def _spans(self, words: list[_Word], brks: Sequence[bool]) -> tuple[list[_Span], list[_Span]]:
+        """Longest phrase first, left to right: at each word the longest run of words (up to its reach,
+        not over punctuation or into a name) that the index knows. Each span gets its category and
+        ``keep`` here when that is plain (one category, no brand), else it is also listed as pending."""
+        spans: list[_Span] = []
+        pending: list[_Span] = []
+        n, end = len(words), 0  # the words before `end` are in a span already
+        for i, w in enumerate(words):
+            if w.inert or i < end:
+                continue
+            hit, k = w.hit, 1
+            # a phrase does not run over punctuation or into a name
+            if w.reach > 1 and i + 1 < n and not (brks[i + 1] or words[i + 1].camel):
+                nxt = words[i + 1]
+                # A longer phrase needs a key going on with the next word, or two words to glue.
+                if nxt.low in w.seconds or nxt.form in w.seconds or (w.joinable and nxt.joinable):
+                    limit = 2
+                    while (
+                        limit < w.reach and i + limit < n and not (brks[i + limit] or words[i + limit].camel)
+                    ):
+                        limit += 1
+                    for size in range(limit, 1, -1):
+                        longer = self._lookup(words, i, size)
+                        if longer is not None:
+                            hit, k = longer, size
+                            break
+            if hit is None:
+                continue
+            end = i + k
+            if hit and len(hit) == 1 and (k > 1 or w.cues is None):  # one category, not a brand
+                s = _Span(i, end, hit, hit[0], True)
+                s.keep = not (words[end - 1].check and _not_an_object(words, brks, s))
             else:
-                i += 1
-        return spans
+                s = _Span(i, end, hit, -1, False)  # () names no category
+                if hit:
+                    pending.append(s)
+            spans.append(s)
+        return spans, pending
 
-    def _lookup(self, part: list[_Token]) -> tuple[int, ...] | None:
-        raw = tuple(t.low for t in part)
-        hit = self.index.get(raw)
-        if hit is None and part[-1].form != part[-1].low:
-            hit = self.index.get((*raw[:-1], part[-1].form))
-        if hit is None and 1 < len(part) <= 3 and all(len(w) > 1 and w not in _FUNCTION_WORDS for w in raw):
-            joined = "".join(raw)
-            hit = self.index.get((joined,)) or self.index.get((singular(joined),))
+    def _lookup(self, words: list[_Word], i: int, k: int) -> tuple[int, ...] | None:
+        """The index entry of the k >= 2 words from i: as written, with the last word singular, or
+        glued into one word ("hot dog" -> "hotdog"), in that order; None when none."""
+        first, last = words[i], words[i + k - 1]
+        # The key is (*prefix, last word) with the prefix a proper prefix of some key: skip the look-ups
+        # when it cannot be (most tries).
+        if k == 2:
+            prefix: tuple[str, ...] = (
+                (first.low,) if last.low in first.seconds or last.form in first.seconds else ()
+            )
+        elif k <= first.longest and words[i + 1].low in first.seconds:
+            prefix = (first.low, words[i + 1].low) if k == 3 else tuple([w.low for w in words[i : i + k - 1]])
+            if prefix not in self._prefixes:
+                prefix = ()
+        else:
+            prefix = ()
+        if prefix:
+            hit = self.index.get((*prefix, last.low))
+            if hit is None and last.form != last.low:
+                hit = self.index.get((*prefix, last.form))
+            if hit is not None:
+                return hit
+        if k == 2 and first.joinable and last.joinable:
+            joined = first.low + last.low
+        elif k == 3 and first.joinable and last.joinable and words[i + 1].joinable:
+            joined = first.low + words[i + 1].low + last.low
+        else:
+            return None
+        hit = self._compounds.get(joined, _MISSING)
+        return self._compound(joined) if hit is _MISSING else hit
+
+    def _compound(self, joined: str) -> tuple[int, ...] | None:
+        """``joined``'s index entry, remembered; one naming no category (``()``) or none gives way to the
+        entry of its singular. Most glued words are new ("woodentable"): their singular is looked up
+        only when it may be a key, as lemmatising a new word is slow (tens of microseconds)."""
+        hit = self.index.get((joined,))
+        if not hit:
+            if self._guard is None:  # made on first need: it reads lemminflect's tables
+                self._guard = _SingularGuard({key[0] for key in self.index if len(key) == 1})
+            hit = self.index.get((singular(joined),)) if self._guard.may_be_key(joined) else None
+        if len(self._compounds) >= self._CACHE_SIZE:
+            self._compounds.clear()
+        self._compounds[joined] = hit
         return hit
 
-    def _is_brand(self, toks: list[_Token], s: _Span, context: set[str], title_case: bool) -> bool:
+    def _is_brand(
+        self, words: list[_Word], s: _Span, cues: set[str], context: set[str], title_case: bool
+    ) -> bool:
         """A single word that is also a brand, written CamelCase or near one of its cue words."""
-        tok = toks[s.start]
-        cues = self.brand_cues.get(tok.low)
-        if s.end - s.start != 1 or cues is None:
-            return False
-        proper = tok.text[0].isupper() and s.start > 0 and not title_case
-        return tok.camel or proper or bool(cues & (context - {tok.form}))
+        w = words[s.start]
+        proper = w.text[0].isupper() and s.start > 0 and not title_case
+        return w.camel or proper or bool(cues & (context - {w.form}))
 
-    def _sense(self, s: _Span, toks: list[_Token], context: set[str]) -> int:
+    def _sense(self, s: _Span, words: list[_Word], context: set[str]) -> int:
         """Of the categories a word can name, the one whose definition shares most caption words."""
         if len(s.cands) == 1:
             return s.cands[0]
-        own = {t.form for t in toks[s.start : s.end]}
+        own = {w.form for w in words[s.start : s.end]}
 
         def score(i: int) -> tuple[int, int]:
             return len(self._bag(i) & (context - own)), _FREQ_RANK.get(self.categories[i].frequency, 0)
@@ -422,29 +755,33 @@ class CaptionMatcher:
             self._bags[i] = frozenset(t.form for t in tokenize(text) if t.low not in _FUNCTION_WORDS)
         return self._bags[i]
 
-    def _drop_modifiers(self, toks: list[_Token], spans: list[_Span], title_case: bool) -> None:
-        """A noun right before another noun modifies it: "pencil skirt", "dog bed", "lion cub"."""
-        starts = {s.start: s for s in spans}
-        for s in spans:
-            if not s.keep or s.end >= len(toks) or toks[s.end].brk:
-                continue
-            if toks[s.end].low in HEAD_NOUNS:
-                s.keep = False
-                continue
-            head = starts.get(s.end)
-            if head is None or head.cat == s.cat:
-                continue
-            if head.cat >= 0 and self._is_kind_of(s.cat, head.cat):
-                head.keep = False  # "teddy bear toy": the head only says what the modifier is
-            elif not _in_list(toks, spans, s, title_case):
-                s.keep = False
+    def _modifies(
+        self, words: list[_Word], brks: Sequence[bool], spans: list[_Span], s: _Span, head: _Span
+    ) -> bool:
+        """Whether kept span ``s`` modifies the span right after it: a noun before another noun does
+        ("pencil skirt", "dog bed", "lion cub") unless they are a list ("Knife Fork Spoon"). When the
+        head only says what ``s`` is ("teddy bear toy"), the head is dropped instead."""
+        if head.cat == s.cat:
+            return False
+        if head.cat >= 0 and self._is_kind_of(s.cat, head.cat):
+            head.keep = False
+            return False
+        return not _in_list(words, brks, spans, s)
 
     def _is_kind_of(self, i: int, j: int) -> bool:
         """Whether category j's head word appears in category i's definition (teddy bear: toy)."""
-        definition = self.categories[i].definition
-        return bool(definition) and singular(self.categories[j].label.split()[-1]) in {
-            t.form for t in tokenize(definition)
-        }
+        kind = self._kinds.get((i, j))
+        if kind is None:
+            head = singular(self.categories[j].label.split()[-1])
+            kind = self._kinds[i, j] = head in self._definition_forms(i)
+        return kind
+
+    def _definition_forms(self, i: int) -> frozenset[str]:
+        """The word forms of category i's definition (none without one), tokenised once."""
+        forms = self._def_forms.get(i)
+        if forms is None:
+            forms = self._def_forms[i] = frozenset(t.form for t in tokenize(self.categories[i].definition))
+        return forms
 
 
 def _keys(surface: str) -> list[tuple[str, ...]]:
@@ -454,15 +791,25 @@ def _keys(surface: str) -> list[tuple[str, ...]]:
     return [words, ("".join(words),)] if len(words) > 1 else [words]
 
 
-def _is_title_case(toks: list[_Token]) -> bool:
-    content = [t for t in toks if t.low not in _FUNCTION_WORDS]
-    return len(content) >= 3 and sum(t.text[0].isupper() for t in content) >= 0.7 * len(content)
+def _surface(tokens: list[str], pieces: list[str] | None, words: list[_Word], s: _Span) -> str:
+    """The caption's text of a span: from its first word to its last, possessive ending dropped."""
+    last = s.end - 1
+    if s.start == last:
+        return words[last].text
+    if pieces is None:  # single spaces between words
+        return " ".join(tokens[s.start : last]) + " " + words[last].text
+    return "".join(pieces[2 * s.start + 1 : 2 * last + 1]) + words[last].text  # words and gaps
 
 
-def _not_an_object(toks: list[_Token], s: _Span) -> bool:
+def _is_title_case(words: list[_Word]) -> bool:
+    content = [w for w in words if w.content]
+    return len(content) >= 3 and sum(w.text[0].isupper() for w in content) >= 0.7 * len(content)
+
+
+def _not_an_object(words: list[_Word], brks: Sequence[bool], s: _Span) -> bool:
     """Possessive plurals ("Women's shoes"), quantities ("a couple of"), colours, materials."""
-    last, n = toks[s.end - 1], len(toks)
-    nxt = toks[s.end] if s.end < n and not toks[s.end].brk else None
+    last, n = words[s.end - 1], len(words)
+    nxt = words[s.end] if s.end < n and not brks[s.end] else None
     if last.possessive and (last.form != last.low or last.low.endswith("s")):
         return True
     if nxt is not None and last.low in _QUANTITY and nxt.low == "of":
@@ -471,8 +818,8 @@ def _not_an_object(toks: list[_Token], s: _Span) -> bool:
         return False
     word = last.low
     if word in _COLOUR_THINGS and last.form == word:
-        after = [t.low for t in toks[s.end : s.end + 2]]
-        before = toks[s.start - 1].low if s.start > 0 else ""
+        after = [w.low for w in words[s.end : s.end + 2]]
+        before = words[s.start - 1].low if s.start > 0 else ""
         if (after and after[0] in _COLOURS) or after[:1] == ["and"] and after[1:] and after[1] in _COLOURS:
             return True
         if before in _COLOURS or before == "in":
@@ -480,12 +827,12 @@ def _not_an_object(toks: list[_Token], s: _Span) -> bool:
     return word in _MATERIALS and nxt is not None and nxt.low not in _FUNCTION_WORDS
 
 
-def _in_list(toks: list[_Token], spans: list[_Span], s: _Span, title_case: bool) -> bool:
+def _in_list(words: list[_Word], brks: Sequence[bool], spans: list[_Span], s: _Span) -> bool:
     """Nouns in a row that are a list, not a compound: "Knife Fork Spoon", "Table Chair Set"."""
     starts = {x.start: x for x in spans}
     run, end = [s], s.end
-    while end in starts and end < len(toks) and not toks[end].brk:
+    while end in starts and end < len(words) and not brks[end]:
         run.append(starts[end])
         end = starts[end].end
-    after = toks[end].low if end < len(toks) and not toks[end].brk else ""
-    return after in _LIST_WORDS or (title_case and len({x.cat for x in run}) >= 3)
+    after = words[end].low if end < len(words) and not brks[end] else ""
+    return after in _LIST_WORDS or (_is_title_case(words) and len({x.cat for x in run}) >= 3)
