@@ -2,7 +2,8 @@
 
 Masks: SAM's recipe -- focal + dice (20:1) per multimask output, only the lowest-loss output is
 trained, and MSE between each output's predicted IoU and its real IoU. Semantics, for labelled
-masks only: a contrastive loss between the chosen output's semantic embedding and the CLIP text
+masks only: a contrastive loss between the semantic embedding of the chosen output (and of every
+other output that covers the labelled mask, see ``named_outputs``) and the CLIP text
 embeddings of the names a mask could have had -- the batch's labels plus its images' candidates
 (cross-entropy over *distinct* names, so two masks of the same label are positives of one class,
 never negatives of each other; the softmax at the learned temperature is then the label
@@ -39,7 +40,8 @@ def mask_losses(
     focal_w: float,
     dice_w: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lowest-loss-output mask loss, IoU-head loss, the chosen output index ``[M]`` and its IoU ``[M]``."""
+    """Lowest-loss-output mask loss, IoU-head loss, the chosen output index ``[M]``, its IoU ``[M]``
+    and every output's IoU with the target ``[M, K]`` (no gradient)."""
     m, k = masks_mkhw.shape[:2]
     target = target_mhw[:, None].expand(-1, k, -1, -1)
     focal = sigmoid_focal_loss(masks_mkhw, target, reduction="none").flatten(2).mean(2)  # (M, K)
@@ -50,7 +52,28 @@ def mask_losses(
         ious = mask_iou(masks_mkhw.flatten(0, 1), target.flatten(0, 1)).view(m, k)
     iou_loss = F.mse_loss(iou_pred_mk, ious)
     chosen = per_output.gather(1, best[:, None]).mean()
-    return chosen, iou_loss, best, ious.gather(1, best[:, None])[:, 0]
+    return chosen, iou_loss, best, ious.gather(1, best[:, None])[:, 0], ious
+
+
+def named_outputs(
+    best_m: torch.Tensor, ious_mk: torch.Tensor, min_iou: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mask, output) pairs whose semantic embedding learns the mask's name: the chosen
+    (lowest-loss) output of each mask, and any other output whose IoU with the target is at least
+    ``min_iou`` (> 1: the chosen one only).
+
+    Automatic mode keeps each of the three outputs of a point as a mask of its own, and the one
+    that survives NMS for an object is often not the output training chose; an output that covers
+    the object that well is the object, and should carry its name. Outputs that do not (a part, a
+    larger whole) are left alone: their name may be another.
+
+    Returns:
+        row indices ``[P]`` into the M masks and output indices ``[P]``.
+    """
+    keep = ious_mk >= min_iou
+    keep[torch.arange(len(best_m), device=best_m.device), best_m] = True
+    rows, outs = keep.nonzero(as_tuple=True)
+    return rows, outs
 
 
 def semantic_losses(

@@ -24,7 +24,7 @@ from ssam.io import atomic_path
 
 from .data import BadDataCounter, MixedSource, TarSource, prepare_example, resolve_tars
 from .label_engine import TextEmbeddingCache
-from .losses import mask_losses, semantic_losses
+from .losses import mask_losses, named_outputs, semantic_losses
 from .semantic_sam import (
     LOGIT_SCALE_MAX,
     build_semantic_sam,
@@ -162,7 +162,9 @@ class Trainer:
         bg_iou = torch.cat([o[1][n:, 1:] for o, n in zip(outputs, n_t, strict=True)]).float()
         targets = torch.cat([e.target_masks[o] for e, o in zip(examples, order, strict=True)]).to(dev)
         labels = [e.labels[i] for e, o in zip(examples, order, strict=True) for i in o.tolist()]
-        mask_loss, iou_loss, best, best_iou = mask_losses(masks, ious, targets, t.focal_weight, t.dice_weight)
+        mask_loss, iou_loss, best, best_iou, out_ious = mask_losses(
+            masks, ious, targets, t.focal_weight, t.dice_weight
+        )
         if len(bg_iou):  # background prompts: no object to segment, so every output's IoU target is 0
             iou_loss = (iou_loss * len(ious) + bg_iou.square().mean() * len(bg_iou)) / (
                 len(ious) + len(bg_iou)
@@ -178,9 +180,11 @@ class Trainer:
         }
         lab_rows = [i for i, lab in enumerate(labels) if lab]
         if lab_rows:
-            rows = torch.tensor(lab_rows, device=dev)
-            sem = sems[rows, best[rows]]
-            score = scores[rows, best[rows]]
+            lab = torch.tensor(lab_rows, device=dev)
+            sub, outs = named_outputs(best[lab], out_ious[lab], t.semantic_min_iou)
+            rows = lab[sub]  # a labelled mask once per output that learns its name
+            sem = sems[rows, outs]
+            score = scores[rows, outs]
             # Classes of the contrastive loss: the batch's labels plus its images' candidates (the
             # names the labeller chose among), so that a step with one label still has negatives
             # and the softmax is over the names a mask could have had, as at prediction time.
@@ -191,7 +195,7 @@ class Trainer:
             con, sc, acc = semantic_losses(
                 sem,
                 score,
-                [labels[i] for i in lab_rows],
+                [labels[i] for i in rows.tolist()],
                 text,
                 {lab: j for j, lab in enumerate(distinct)},
                 scale,

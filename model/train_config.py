@@ -101,6 +101,14 @@ class TrainSection(_Section):
     dice_weight: float = Field(1.0, ge=0, description="mask dice loss weight (SAM: 1)")
     iou_weight: float = Field(1.0, ge=0, description="predicted-IoU MSE weight")
     semantic_weight: float = Field(1.0, ge=0, description="contrastive loss weight (labelled masks)")
+    semantic_min_iou: float = Field(
+        0.5,
+        ge=0,
+        description=(
+            "besides the trained output, other outputs covering a labelled mask at this IoU"
+            " learn its name too (>1: off)"
+        ),
+    )
     score_weight: float = Field(
         1.0, ge=0, description="cosine-score MSE weight (labelled masks with embeddings)"
     )

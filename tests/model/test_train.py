@@ -348,3 +348,32 @@ def test_sam_input_matches_sam_preprocess_and_stays_on_the_cpu():
     got = sam_input(sam, img)
     assert got.device.type == "cpu" and got.shape == want.shape
     torch.testing.assert_close(got, want)
+
+
+def test_outputs_covering_a_labelled_mask_learn_its_name_too(shapes, tmp_path):
+    from ssam.model.losses import named_outputs
+
+    best = torch.tensor([0, 2, 1])
+    ious = torch.tensor([[0.9, 0.6, 0.1], [0.2, 0.3, 0.4], [0.55, 0.8, 0.49]])
+    rows, outs = named_outputs(best, ious, 0.5)
+    assert list(zip(rows.tolist(), outs.tolist(), strict=True)) == [(0, 0), (0, 1), (1, 2), (2, 0), (2, 1)]
+    rows, outs = named_outputs(best, ious, 1.01)  # off: the trained output only
+    assert outs.tolist() == best.tolist() and rows.tolist() == [0, 1, 2]
+    # In a train step the contrastive loss sees every covering output: more named rows than masks.
+    seen = []
+    import ssam.model.train as train_mod
+
+    real = train_mod.semantic_losses
+    train_mod.semantic_losses = lambda sem, *a: seen.append(len(sem)) or real(sem, *a)
+    try:
+        for min_iou in (0.0, 1.01):
+            trainer = Trainer(
+                cfg_for(shapes, "train.max_steps=1", f"train.semantic_min_iou={min_iou}"),
+                tmp_path / str(min_iou),
+            )
+            m = trainer.train_step()
+            seen.append(m["masks"])
+    finally:
+        train_mod.semantic_losses = real
+    (all_named, masks_a), (best_only, masks_b) = seen[:2], seen[2:]
+    assert all_named == 3 * masks_a and best_only == masks_b  # min_iou 0: all three outputs of each mask
