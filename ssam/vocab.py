@@ -312,7 +312,17 @@ def tokenize(caption: str) -> list[_Token]:
     The reference tokeniser (vocabulary surfaces, definitions); :class:`CaptionMatcher` reads captions
     with :func:`_split_caption`, which splits them the same way.
     """
-    tokens, brk, prev_end = [], True, 0
+    tokens = []
+    for m, brk in _word_matches(caption):
+        word, low, form, possessive, camel = _word_info(m.group())
+        tokens.append(_Token(word, low, form, brk, possessive, camel, (m.start(), m.start() + len(word))))
+    return tokens
+
+
+def _word_matches(caption: str):
+    """Each word's match in a caption and whether a break (punctuation other than a joining hyphen,
+    or the caption's start) comes before it since the previous word."""
+    brk, prev_end = True, 0
     for m in _WORD.finditer(caption):
         t = m.group()
         if not t[0].isalpha():
@@ -322,10 +332,8 @@ def tokenize(caption: str) -> list[_Token]:
             brk = brk or not hyphen
             prev_end = m.end()
             continue
-        word, low, form, possessive, camel = _word_info(t)
-        tokens.append(_Token(word, low, form, brk, possessive, camel, (m.start(), m.start() + len(word))))
+        yield m, brk
         brk, prev_end = False, m.end()
-    return tokens
 
 
 @lru_cache(maxsize=200_000)
@@ -382,20 +390,11 @@ def _split_caption(caption: str) -> tuple[list[str], Sequence[bool], list[str] |
         if gaps.count(" ") == len(gaps):
             return pieces[1::2], _no_breaks(len(pieces) // 2), pieces
         return pieces[1::2], [True, *map(_gap_breaks, gaps)], pieces
-    pieces, brks, brk, prev_end, word_end = [], [], True, 0, 0
-    for m in _WORD.finditer(caption):
-        t = m.group()
-        if not t[0].isalpha():
-            hyphen = (
-                t == "-" and m.start() == prev_end and m.end() < len(caption) and caption[m.end()].isalpha()
-            )
-            brk = brk or not hyphen
-            prev_end = m.end()
-            continue
-        pieces += (caption[word_end : m.start()], t)
+    pieces, brks, word_end = [], [], 0
+    for m, brk in _word_matches(caption):
+        pieces += (caption[word_end : m.start()], m.group())
         brks.append(brk)
-        brk, prev_end = False, m.end()
-        word_end = prev_end
+        word_end = m.end()
     pieces.append(caption[word_end:])
     return pieces[1::2], brks, pieces
 
