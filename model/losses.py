@@ -39,7 +39,7 @@ def mask_losses(
     target_mhw: torch.Tensor,
     focal_w: float,
     dice_w: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lowest-loss-output mask loss, IoU-head loss, the chosen output index ``[M]``, its IoU ``[M]``
     and every output's IoU with the target ``[M, K]`` (no gradient)."""
     m, k = masks_mkhw.shape[:2]

@@ -180,9 +180,9 @@ class Trainer:
         }
         lab_rows = [i for i, lab in enumerate(labels) if lab]
         if lab_rows:
-            lab = torch.tensor(lab_rows, device=dev)
-            sub, outs = named_outputs(best[lab], out_ious[lab], t.semantic_min_iou)
-            rows = lab[sub]  # a labelled mask once per output that learns its name
+            labelled = torch.tensor(lab_rows, device=dev)
+            sub, outs = named_outputs(best[labelled], out_ious[labelled], t.semantic_min_iou)
+            rows = labelled[sub]  # a labelled mask once per output that learns its name
             sem = sems[rows, outs]
             score = scores[rows, outs]
             # Classes of the contrastive loss: the batch's labels plus its images' candidates (the
