@@ -258,6 +258,32 @@ class _SingularGuard:
         return False
 
 
+def _glued_heads(keys: set[str], guard: _SingularGuard) -> tuple[int, frozenset[str] | None]:
+    """What an ASCII word glued of caption words ("hotdog") starts with when it has an index entry
+    (:meth:`CaptionMatcher._compound`): ``(cut, heads)``, the word less its last ``cut`` letters is one
+    of ``heads``. ``heads`` is None where that is not known (the guard is off): then any word may.
+
+    Such a word is a key, or its :func:`singular` is: the word is one of ``_KEEP_PLURAL`` or
+    ``_LEMMA_FIX``, a word lemminflect knows (its tables give the lemma), or a new word, whose lemma is
+    one of its suffix rules' (``guard.by_strip``: a stem, or a key and one letter where the rule drops
+    the last letter, then ``strip`` letters). Built once per matcher from the keys, not per word.
+    """
+    rules = guard.by_strip
+    cut = max((strip + drops for strip, _, drops in rules), default=0)
+    if not guard.on or cut > 4:  # a glued word has 4 letters or more: cut within it
+        return 0, None
+    _, lemmas, overrides = _lemminflect_oov()
+    words = keys | _KEEP_PLURAL | _LEMMA_FIX.keys()
+    for table in (lemmas, overrides):
+        words.update(w for w, pos in table.items() if not keys.isdisjoint(pos.get("NOUN", ())))
+    heads = {w[: max(0, len(w) - cut)] for w in words}
+    for strip, stems, drops in rules:
+        heads.update(stem[: max(0, len(stem) - (cut - strip))] for stem in stems)
+        if drops:  # the stem is a key and one more letter
+            heads.update(key[: max(0, len(key) - (cut - strip - 1))] for key in keys)
+    return cut, frozenset(heads)
+
+
 # One caption word, as the pattern below finds it: letters with inner apostrophes ("rock'n'roll") and a
 # possessive ending ("dog's", "dogs'"). Anything else is a digit run or a single character.
 _ALPHA = r"[A-Za-z]+(?:'[A-Za-z]+)*'?"
@@ -494,10 +520,12 @@ class CaptionMatcher:
             if len(key) > 1:
                 seconds.setdefault(key[0], set()).add(key[1])
         self._seconds = {first: frozenset(s) for first, s in seconds.items()}
-        self._guard: _SingularGuard | None = None  # for _compound
+        self._guard: _SingularGuard | None = None  # for _compound; made with _glue_cut, _glue_heads
+        self._glue_cut, self._glue_heads = 0, None  # _glued_heads, for _lookup
         self._words: dict[str, _Word] = {}  # caption token -> _Word, filled as captions come
         self._compounds: dict[str, tuple[int, ...] | None] = {}  # "hotdog" -> its index entry
         self._kinds: dict[tuple[int, int], bool] = {}  # _is_kind_of's answers
+        self._head_words: dict[int, str] = {}  # category index -> its label's last word, singular
         self._def_forms: dict[int, frozenset[str]] = {}  # _definition_forms
         self._matches: dict[tuple[int, tuple[str, ...]], Match] = {}
 
@@ -508,9 +536,11 @@ class CaptionMatcher:
             "_words": {},
             "_compounds": {},
             "_kinds": {},
+            "_head_words": {},
             "_def_forms": {},
             "_matches": {},
             "_guard": None,
+            "_glue_heads": None,
         }
 
     def _resolve(self, canonical: str, add_missing: bool) -> int | None:
@@ -612,10 +642,8 @@ class CaptionMatcher:
             if not s.keep:
                 continue
             if s.end < n and not brks[s.end]:  # a word follows
-                head = spans[j + 1] if j + 1 < len(spans) and spans[j + 1].start == s.end else None
-                if words[s.end].head_noun or (
-                    head is not None and self._modifies(words, brks, spans, s, head)
-                ):
+                head = j + 1 < len(spans) and spans[j + 1].start == s.end
+                if words[s.end].head_noun or (head and self._modifies(words, brks, spans, j)):
                     s.keep = False
                     continue
             surface = words[s.start].text if s.end - s.start == 1 else _surface(tokens, pieces, words, s)
@@ -711,6 +739,14 @@ class CaptionMatcher:
             joined = first.low + words[i + 1].low + last.low
         else:
             return None
+        if self._guard is None:  # made on first need: they read lemminflect's tables
+            keys = {key[0] for key in self.index if len(key) == 1}
+            self._guard = _SingularGuard(keys)
+            self._glue_cut, self._glue_heads = _glued_heads(keys, self._guard)
+        # Most glued words have no entry, and their start shows it ("woodentable": "woodent").
+        if self._glue_heads is not None and joined.isascii():
+            if joined[: len(joined) - self._glue_cut] not in self._glue_heads:
+                return None
         hit = self._compounds.get(joined, _MISSING)
         return self._compound(joined) if hit is _MISSING else hit
 
@@ -720,8 +756,6 @@ class CaptionMatcher:
         only when it may be a key, as lemmatising a new word is slow (tens of microseconds)."""
         hit = self.index.get((joined,))
         if not hit:
-            if self._guard is None:  # made on first need: it reads lemminflect's tables
-                self._guard = _SingularGuard({key[0] for key in self.index if len(key) == 1})
             hit = self.index.get((singular(joined),)) if self._guard.may_be_key(joined) else None
         if len(self._compounds) >= self._CACHE_SIZE:
             self._compounds.clear()
@@ -754,24 +788,26 @@ class CaptionMatcher:
             self._bags[i] = frozenset(t.form for t in tokenize(text) if t.low not in _FUNCTION_WORDS)
         return self._bags[i]
 
-    def _modifies(
-        self, words: list[_Word], brks: Sequence[bool], spans: list[_Span], s: _Span, head: _Span
-    ) -> bool:
-        """Whether kept span ``s`` modifies the span right after it: a noun before another noun does
-        ("pencil skirt", "dog bed", "lion cub") unless they are a list ("Knife Fork Spoon"). When the
-        head only says what ``s`` is ("teddy bear toy"), the head is dropped instead."""
+    def _modifies(self, words: list[_Word], brks: Sequence[bool], spans: list[_Span], j: int) -> bool:
+        """Whether kept span ``spans[j]`` modifies the span right after it, its head: a noun before
+        another noun does ("pencil skirt", "dog bed", "lion cub") unless they are a list ("Knife Fork
+        Spoon"). When the head only says what ``spans[j]`` is ("teddy bear toy"), the head is dropped
+        instead."""
+        s, head = spans[j], spans[j + 1]
         if head.cat == s.cat:
             return False
         if head.cat >= 0 and self._is_kind_of(s.cat, head.cat):
             head.keep = False
             return False
-        return not _in_list(words, brks, spans, s)
+        return not _in_list(words, brks, spans, j)
 
     def _is_kind_of(self, i: int, j: int) -> bool:
         """Whether category j's head word appears in category i's definition (teddy bear: toy)."""
         kind = self._kinds.get((i, j))
         if kind is None:
-            head = singular(self.categories[j].label.split()[-1])
+            head = self._head_words.get(j)
+            if head is None:
+                head = self._head_words[j] = singular(self.categories[j].label.split()[-1])
             kind = self._kinds[i, j] = head in self._definition_forms(i)
         return kind
 
@@ -826,12 +862,13 @@ def _not_an_object(words: list[_Word], brks: Sequence[bool], s: _Span) -> bool:
     return word in _MATERIALS and nxt is not None and nxt.low not in _FUNCTION_WORDS
 
 
-def _in_list(words: list[_Word], brks: Sequence[bool], spans: list[_Span], s: _Span) -> bool:
+def _in_list(words: list[_Word], brks: Sequence[bool], spans: list[_Span], j: int) -> bool:
     """Nouns in a row that are a list, not a compound: "Knife Fork Spoon", "Table Chair Set"."""
-    starts = {x.start: x for x in spans}
-    run, end = [s], s.end
-    while end in starts and end < len(words) and not brks[end]:
-        run.append(starts[end])
-        end = starts[end].end
+    run, end = [spans[j]], spans[j].end  # spans[j] and the spans right after it, word after word
+    for x in spans[j + 1 :]:
+        if x.start != end or brks[end]:
+            break
+        run.append(x)
+        end = x.end
     after = words[end].low if end < len(words) and not brks[end] else ""
-    return after in _LIST_WORDS or (_is_title_case(words) and len({x.cat for x in run}) >= 3)
+    return after in _LIST_WORDS or (len({x.cat for x in run}) >= 3 and _is_title_case(words))
