@@ -1,8 +1,8 @@
 """Rebuild docs/predict-shapes.png: the smoke model trained on synthetic shapes, predicting held-out ones.
 
 Trains ``configs/train/smoke.yaml`` for 1000 CPU steps on 96 synthetic images (the learning test's
-setup, ~2 minutes), then runs ``ssam.model.predict.predict_image`` in automatic mode with ssam-predict's defaults on
-held-out images and draws the best-scoring masks side by side.
+setup, ~3 minutes), then runs ``ssam.model.predict.predict_image`` in automatic mode with
+ssam-predict's defaults on held-out images and draws the best-scoring masks side by side.
 
     .venv/bin/python docs/make_predict_picture.py [--workdir runs/picture] [--checkpoint model.pt]
 """
