@@ -227,12 +227,10 @@ def match_metrics(gt_rles: list[dict], gt_names: list[str], anns: list[dict], ma
     ]
     best = iou.argmax(0)
     out["best_iou"] = [float(iou[b, g]) for g, b in enumerate(best)]
-    out["label_correct"] = [
-        normalize_name(anns[b]["label"] or "") == normalize_name(gt_names[g])
-        for g, b in enumerate(best)
-        if iou[b, g] >= match_iou
-    ]
-    out["label_prob"] = [float(anns[b]["label_score"]) for g, b in enumerate(best) if iou[b, g] >= match_iou]
+    for g, b in enumerate(best):
+        if iou[b, g] >= match_iou:  # a matched GT mask: its best prediction's label and score
+            out["label_correct"].append(normalize_name(anns[b]["label"] or "") == normalize_name(gt_names[g]))
+            out["label_prob"].append(float(anns[b]["label_score"]))
     return out
 
 
@@ -262,6 +260,7 @@ def evaluate_coco(
     opts = dataclasses.replace(
         opts, min_label_score=0.0
     )  # every mask gets its best category; AP ranks by score
+    used = automatic_settings(loaded, opts)  # the thresholds the results are reported with
     dets, missing = [], []
     matches: dict[str, list] = {"best_iou": [], "label_correct": [], "label_prob": [], "iou_error": []}
     cat_name = {c["id"]: c["name"] for c in cats}
@@ -307,8 +306,8 @@ def evaluate_coco(
         "gt_masks": len(matches["best_iou"]),
         "iou_calibration_mae": float(np.mean(matches["iou_error"])) if matches["iou_error"] else 0.0,
         "label_score_reliability": label_reliability(matches["label_prob"], matches["label_correct"]),
-        "pred_iou_thresh": automatic_settings(loaded, opts).pred_iou_thresh,
-        "stability_score_thresh": automatic_settings(loaded, opts).stability_score_thresh,
+        "pred_iou_thresh": used.pred_iou_thresh,
+        "stability_score_thresh": used.stability_score_thresh,
         "images": len(gt.getImgIds()),
         "detections": len(dets),
         "unreadable_images": missing,
