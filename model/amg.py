@@ -344,9 +344,9 @@ class MaskEngine:
         with record_function("amg.select"):
             return self._select(images, jobs, cat, points, return_masks, dim)
 
-    def _upscale(self, images, jobs, j, low_bhw) -> torch.Tensor:
-        """Crop ``j``'s low-res logits upscaled to the crop's pixels, as the generator does."""
-        i, (x0, y0, x1, y1), _ = jobs[j]
+    def _upscale(self, crop_box, low_bhw) -> torch.Tensor:
+        """Low-res logits of a crop's masks upscaled to the crop's pixels, as the generator does."""
+        x0, y0, x1, y1 = crop_box
         crop_hw = (y1 - y0, x1 - x0)
         input_hw = self.transform.get_preprocess_shape(*crop_hw, self.transform.target_length)
         return self.model.postprocess_masks(low_bhw[:, None], input_hw, crop_hw)[:, 0]
@@ -360,7 +360,7 @@ class MaskEngine:
         s, thr = self.s, self.model.mask_threshold
         i, box, _ = jobs[j]
         h, w = images[i].shape[:2]
-        logits = self._upscale(images, jobs, j, low_bhw)
+        logits = self._upscale(box, low_bhw)
         stability = calculate_stability_score(logits, thr, s.stability_score_offset)
         if s.stability_score_thresh > 0:  # as the generator: a NaN score (empty mask) passes a 0 threshold
             ok = (stability >= s.stability_score_thresh).nonzero()[:, 0]
@@ -382,12 +382,13 @@ class MaskEngine:
         s, thr = self.s, self.model.mask_threshold
         job = cat["job"][keep]
         by_job = job.argsort(stable=True)
+        kept, kept_job = keep[by_job], job[by_job]
         runs, lengths = [], []
-        for j in torch.unique_consecutive(job[by_job]).tolist():
+        for j in torch.unique_consecutive(kept_job).tolist():
             i, box, _ = jobs[j]
             h, w = images[i].shape[:2]
-            for idx in keep[by_job][job[by_job] == j].split(s.points_per_batch):
-                binary = self._upscale(images, jobs, j, cat["low"][idx]) > thr
+            for idx in kept[kept_job == j].split(s.points_per_batch):
+                binary = self._upscale(box, cat["low"][idx]) > thr
                 r, n = rle_runs(uncrop_masks(binary, box, h, w))
                 runs.append(r)
                 lengths.append(n)
