@@ -5,7 +5,7 @@ Random weights (timing only). Each measurement runs in a fresh process so its pe
     .venv/bin/python benchmarks/bench_model.py [--sizes smoke vit_b] [--device cpu|cuda] [--bf16]
         [--train-steps 5] [--predict-images 2] [--points-per-side 16] [--out benchmarks/last_model.json]
 
-Training: synthetic shapes shards (128 px, upscaled to the model's input), batch 2, 8 masks per image,
+Training: synthetic shapes shards (128 px, upscaled to the model's input), batch 2 (``--batch``), 8 masks per image,
 image encoder frozen (the default) -- samples/s after one warm-up step. Predict: automatic mode on the
 bundled photos (``points_per_side`` grid) and box mode (4 boxes), seconds per image after warm-up.
 """
@@ -26,17 +26,17 @@ CHILD = r"""
 import json, resource, sys, time, os
 import numpy as np, torch
 from pathlib import Path
-mode, size, device, bf16, steps, n_img, pps, tmp = sys.argv[1:9]
-steps, n_img, pps, bf16 = int(steps), int(n_img), int(pps), bf16 == "1"
+mode, size, device, bf16, steps, n_img, pps, tmp, batch = sys.argv[1:10]
+steps, n_img, pps, bf16, batch = int(steps), int(n_img), int(pps), bf16 == "1", int(batch)
 from ssam.model.clip import SMOKE_CLIP
 from ssam.model.semantic_sam import build_semantic_sam, save_model
 if mode == "train":
     from ssam.model.synthetic import write_shapes
     from ssam.model.train import Trainer
     from ssam.model.train_config import load_train_config
-    write_shapes(Path(tmp) / "shards", 16, 8, seed=0, emb_dim=32)
+    write_shapes(Path(tmp) / "shards", max(16, 2 * batch), 8, seed=0, emb_dim=32)
     cfg = load_train_config(None, [f"model.size={size}", "model.random_init=true", f"model.clip_model={SMOKE_CLIP}",
-        "model.clip_pretrained=null", f"data.shards=[\"{Path(tmp) / 'shards'}\"]", "train.batch_size=2",
+        "model.clip_pretrained=null", f"data.shards=[\"{Path(tmp) / 'shards'}\"]", f"train.batch_size={batch}",
         "data.masks_per_image=8", f"train.device={device}", f"train.bf16={bf16}", "train.max_steps=1000"])
     tr = Trainer(cfg, Path(tmp) / "run")
     tr.train_step()
@@ -45,7 +45,7 @@ if mode == "train":
     for _ in range(steps): tr.train_step()
     if device == "cuda": torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    out = {"samples_per_s": steps * 2 / dt, "s_per_step": dt / steps}
+    out = {"samples_per_s": steps * batch / dt, "s_per_step": dt / steps, "batch": batch}
 else:
     from PIL import Image
     from ssam.model.amg import AmgSettings
@@ -93,6 +93,7 @@ def measure(mode: str, size: str, args) -> dict:
             str(args.predict_images),
             str(args.points_per_side),
             tmp,
+            str(args.batch),
         ]
         env = {
             "REPO": str(REPO),
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=2, help="training images per step")
     ap.add_argument("--predict-images", type=int, default=2)
     ap.add_argument("--points-per-side", type=int, default=16)
     ap.add_argument("--out", default=str(REPO / "benchmarks/last_model.json"))

@@ -34,8 +34,6 @@ def photos(n: int, side: int) -> list[np.ndarray]:
 
 
 def main() -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     from ssam.model.amg import AmgSettings, MaskEngine
     from ssam.model.sam import build_sam
 
@@ -49,26 +47,50 @@ def main() -> None:
     p.add_argument("--pred-iou", type=float, default=0.0, help="0: random weights keep masks")
     p.add_argument("--stability", type=float, default=0.0)
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain"],
+        help="engine variants, each timed and profiled on the same model: plain, compile (the decoder)",
+    )
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
     side = 256 if args.sam == "smoke" else 1024
     sam = build_sam(args.sam, seed=0).to(args.device).eval()
-    s = AmgSettings(
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou,
-        stability_score_thresh=args.stability,
-        encoder_batch_size=args.encoder_batch,
-        bf16=not args.no_bf16,
-    )
-    engine = MaskEngine(sam, s)
     images = photos(args.images, side)
     cuda = args.device.startswith("cuda")
+    all_res = []
+    for variant in args.variants:
+        s = AmgSettings(
+            points_per_side=args.points_per_side,
+            points_per_batch=args.points_per_batch,
+            pred_iou_thresh=args.pred_iou,
+            stability_score_thresh=args.stability,
+            encoder_batch_size=args.encoder_batch,
+            bf16=not args.no_bf16,
+            compile_decoder=variant == "compile",
+        )
+        res, table = profile_engine(MaskEngine(sam, s), images, cuda, args.top)
+        res.update(variant=variant, sam=args.sam, settings=vars(args))
+        print(json.dumps(res, indent=1))
+        print(table)
+        all_res.append(dict(res, table=table))
+    if args.out:
+        Path(args.out).write_text(json.dumps(all_res, indent=1))
+
+
+def profile_engine(engine, images, cuda: bool, top: int) -> tuple[dict, str]:
+    from torch.profiler import ProfilerActivity, profile
+
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    engine.generate(images[:2])  # warm-up (kernels, allocator)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    engine.generate(images[:2])  # warm-up (kernels, allocator, compiling)
     sync()
+    warm = time.perf_counter() - t
     t = time.perf_counter()
     engine.generate(images)
     sync()
@@ -88,21 +110,16 @@ def main() -> None:
         if e.key.startswith("amg.")
     }
     sort = "device_time_total" if cuda else "cpu_time_total"
-    table = events.table(sort_by=sort, row_limit=args.top)
     res = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "sam": args.sam,
         "images": len(images),
-        "settings": vars(args),
+        "warm_up_s": warm,
         "s_per_image": wall / len(images),
         "masks_per_image": float(np.mean([len(r.records) for r in results])),
         "phases": phases,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
-    print(json.dumps(res, indent=1))
-    print(table)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(res, table=table), indent=1))
+    return res, events.table(sort_by=sort, row_limit=top)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ semantic embedding and score of each mask for a Semantic-SAM, and CUDA out-of-me
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ from ssam.overlay import decode_rles
 
 from .sdpa import enable_sdpa
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class AmgSettings:
@@ -69,8 +73,9 @@ class AmgSettings:
     min_mask_area: int = 16  # ours: drop masks with fewer pixels (empty, degenerate); 0 keeps them
     max_masks: int = 256  # ours: masks kept per image, highest predicted IoU first
     encoder_batch_size: int = 4  # images or crops per image-encoder forward
-    bf16: bool = True  # bf16 autocast of encoder and decoder on CUDA (ignored elsewhere)
+    bf16: bool = True  # CUDA: encoder under bf16 autocast, mask decoder in bf16 (ignored elsewhere)
     compile_encoder: bool = False  # torch.compile the image encoder on CUDA (ignored elsewhere)
+    compile_decoder: bool = True  # torch.compile the prompt-batched mask decoder on CUDA (ignored elsewhere)
 
     def __post_init__(self):
         if (self.points_per_side is None) == (self.point_grids is None):
@@ -124,20 +129,50 @@ def sam_image_features(
     return out
 
 
-def decode_prompts(model: Sam, features: torch.Tensor, coords_pn2: torch.Tensor, labels_pn: torch.Tensor):
+def bf16_decoder(model: Sam) -> torch.nn.Module:
+    """A bf16 copy of ``model``'s mask decoder, weights and activations, for inference.
+
+    Under autocast the decoder's residual stream, norms and upscaling stay in float32 and every
+    weight is cast on every call. With thousands of prompts per call the decoder is bound by
+    memory traffic over ``P x 4096 x 256`` image tokens, so running it wholly in bf16 halves its
+    bytes (as segment-anything-fast does). A copy, so the model itself keeps its float32 weights;
+    it is a snapshot: build it again after the weights change.
+    """
+    return copy.deepcopy(model.mask_decoder).to(torch.bfloat16)
+
+
+def decode_prompts(
+    model: Sam,
+    features: torch.Tensor,
+    coords_pn2: torch.Tensor,
+    labels_pn: torch.Tensor,
+    decoder: torch.nn.Module | None = None,
+    run=None,
+):
     """All mask-decoder outputs for P point prompts, each with its own image embedding.
 
     Args:
         model: a ``Sam`` or ``SemanticSam``.
         features: ``PxCxhxw`` (the image embedding of each prompt) or ``1xCxhxw`` (shared).
         coords_pn2, labels_pn: points in the model's input frame and their labels.
+        decoder: the mask decoder to run (default ``model.mask_decoder``), e.g. a
+            :func:`bf16_decoder`: its inputs are cast to its dtype.
+        run: what runs it (default :func:`run_decoder`; the engine may pass a compiled one).
 
     Returns:
         masks ``Px4xhxw`` low-res logits, iou ``Px4``, semantic ``Px4xD`` and score ``Px4``
-        (both None for a plain SAM); output 0 is the single-mask one, 1..3 the multimask ones.
+        (both None for a plain SAM), in the decoder's dtype; output 0 is the single-mask one,
+        1..3 the multimask ones.
     """
     sparse, dense = model.prompt_encoder(points=(coords_pn2, labels_pn), boxes=None, masks=None)
-    pe, dec = model.prompt_encoder.get_dense_pe(), model.mask_decoder
+    pe, dec = model.prompt_encoder.get_dense_pe(), decoder or model.mask_decoder
+    dtype = dec.iou_token.weight.dtype  # each cast, as a caller's autocast may have made any of them bf16
+    sparse, dense, pe, features = (x.to(dtype) for x in (sparse, dense, pe, features))
+    return (run or run_decoder)(dec, features, pe, sparse, dense)
+
+
+def run_decoder(dec, features, pe, sparse, dense):
+    """The mask decoder over P prompts' embeddings: ``decode_prompts`` after the prompt encoder."""
     if hasattr(dec, "predict_all"):
         return dec.predict_all(features, pe, sparse, dense)
     # MaskDecoder.predict_masks by hand: it repeat_interleaves one image embedding per call, while
@@ -241,13 +276,29 @@ class MaskEngine:
         self.encoder = (
             torch.compile(model.image_encoder) if s.compile_encoder and cuda else model.image_encoder
         )
+        # The engine's decoder: a bf16 snapshot on CUDA (see bf16_decoder), else the model's own.
+        self.decoder = bf16_decoder(model) if cuda and s.bf16 else model.mask_decoder
+        # Compiling fuses the decoder's many elementwise passes over P x 4096 image tokens (adds of
+        # positional encodings, residuals, norms, GELUs); the last chunk's other size compiles once more.
+        self.run_decoder = torch.compile(run_decoder) if s.compile_decoder and cuda else run_decoder
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def _autocast(self):
-        return bf16_autocast(self.device, self.s.bf16)
+    def _decode(self, features, coords, labels):
+        """decode_prompts with the engine's decoder; a compiled decoder that fails to compile
+        (no compiler, an unsupported op) is dropped for the eager one, with a warning, once."""
+        try:
+            return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_decoder)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if self.run_decoder is run_decoder:
+                raise
+            log.warning("torch.compile of the mask decoder failed, running it eagerly: %s", str(e)[:300])
+            self.run_decoder = run_decoder
+            return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_decoder)
 
     def encode(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched."""
@@ -301,7 +352,8 @@ class MaskEngine:
             encoded = self.encode(crops)
         for j, f in zip(todo, encoded, strict=True):
             feats[j] = f
-        feats_jchw = torch.cat([f.reshape(1, *f.shape[-3:]).to(dev, torch.float32) for f in feats])
+        dtype = self.decoder.iou_token.weight.dtype
+        feats_jchw = torch.cat([f.reshape(1, *f.shape[-3:]).to(dev, dtype) for f in feats])
 
         coords, points, prompt_job = [], [], []
         for j, (_, (x0, y0, x1, y1), layer) in enumerate(jobs):
@@ -319,8 +371,8 @@ class MaskEngine:
             first, last = int(prompt_job[a]), int(prompt_job[b - 1])
             f = feats_jchw[first : first + 1] if first == last else feats_jchw[prompt_job_t[a:b]]
             labels = torch.ones(b - a, 1, dtype=torch.int, device=dev)
-            with self._autocast(), record_function("amg.decode"):
-                out = decode_prompts(self.model, f, coords_t[a:b, None], labels)
+            with record_function("amg.decode"):  # no autocast: the decoder has its own dtype
+                out = self._decode(f, coords_t[a:b, None], labels)
             # The three multimask outputs, flattened prompt-major like the generator's.
             low, iou = out[0][:, 1:].float().flatten(0, 1), out[1][:, 1:].float().flatten()
             extras = [x[:, 1:].float().flatten(0, 1) for x in out[2:]] if self.semantic else []

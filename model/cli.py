@@ -111,6 +111,7 @@ def _predict_options(args):
         box_nms_thresh=args.nms_thresh,
         max_masks=args.max_masks,
         min_mask_area=args.min_mask_area,
+        compile_decoder=args.compile_decoder,
     )
     from_checkpoint = tuple(k for k, v in given.items() if v is None)  # a flag beats the checkpoint
     return PredictOptions(
@@ -138,6 +139,12 @@ def _add_generator_flags(p: argparse.ArgumentParser) -> None:
     ]
     for flag, kind, default, text in flags:
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
+    p.add_argument(
+        "--compile-decoder",
+        action="store_true",
+        help="CUDA: torch.compile the mask decoder (the pipeline's default; here off: the first image "
+        "compiles for ~15 s, worth it from a few dozen images on)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 

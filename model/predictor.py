@@ -63,9 +63,9 @@ class SemanticPredictor:
         up = self._upscale(masks[rows, best][:, None])[:, 0] > self.model.mask_threshold
         return (
             up.cpu().numpy(),
-            iou[rows, best].cpu().numpy(),
-            sem[rows, best].cpu().numpy(),
-            score[rows, best].cpu().numpy(),
+            iou[rows, best].float().cpu().numpy(),  # float: numpy has no bf16 (callers' autocast)
+            sem[rows, best].float().cpu().numpy(),
+            score[rows, best].float().cpu().numpy(),
         )
 
     def generate(self, settings: AmgSettings | None = None) -> tuple[np.ndarray, ...]:

@@ -19,6 +19,25 @@ from segment_anything.modeling.image_encoder import Attention as EncoderAttentio
 from segment_anything.modeling.image_encoder import get_rel_pos
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
+_REL_INDEX: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """segment-anything's ``get_rel_pos`` with its index built once per size and device.
+
+    Its own builds the ``q x k`` index on the CPU on every call and indexes the device's table
+    with it: a host-to-device copy that waits for the device, twice per attention block (128 per
+    vit_h forward). When no interpolation is needed the same gather runs with a cached device index.
+    """
+    if rel_pos.shape[0] != 2 * max(q_size, k_size) - 1:
+        return get_rel_pos(q_size, k_size, rel_pos)  # interpolated: segment-anything's own path
+    key = (q_size, k_size, rel_pos.device)
+    if key not in _REL_INDEX:
+        q = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+        k = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+        _REL_INDEX[key] = ((q - k) + (k_size - 1) * max(q_size / k_size, 1.0)).long().to(rel_pos.device)
+    return rel_pos[_REL_INDEX[key]]
+
 
 def rel_pos_bias(q_bnlc: torch.Tensor, attn: EncoderAttention, h: int, w: int) -> torch.Tensor:
     """The decomposed relative-position term of SAM's encoder as a ``[B*heads, h*w, h*w]`` bias.
@@ -26,7 +45,7 @@ def rel_pos_bias(q_bnlc: torch.Tensor, attn: EncoderAttention, h: int, w: int) -
     Args:
         q_bnlc: queries ``[B*heads, h*w, C]`` (unscaled, as segment-anything uses them).
     """
-    rh, rw = get_rel_pos(h, h, attn.rel_pos_h), get_rel_pos(w, w, attn.rel_pos_w)
+    rh, rw = rel_pos_table(h, h, attn.rel_pos_h), rel_pos_table(w, w, attn.rel_pos_w)
     r_q = q_bnlc.reshape(-1, h, w, q_bnlc.shape[-1])
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)

@@ -42,9 +42,14 @@ class MasksConfig(Section):
         None, description="checkpoint path or URL (null: the official one, fetched once)"
     )
     device: str = Field("auto", description="auto, cpu, cuda")
-    bf16: bool = Field(AMG.bf16, description="bf16 autocast on CUDA")
+    bf16: bool = Field(
+        AMG.bf16, description="CUDA: bf16 autocast encoder, bf16 mask decoder (batched engine)"
+    )
     compile_encoder: bool = Field(
         AMG.compile_encoder, description="batched engine on CUDA: torch.compile the image encoder"
+    )
+    compile_decoder: bool = Field(
+        AMG.compile_decoder, description="batched engine on CUDA: torch.compile the mask decoder"
     )
     points_per_side: int = Field(AMG.points_per_side, ge=1, le=128, description="SAM point grid per side")
     points_per_batch: int = Field(
@@ -107,6 +112,7 @@ class MasksConfig(Section):
             encoder_batch_size=self.encoder_batch_size,
             bf16=self.bf16,
             compile_encoder=self.compile_encoder,
+            compile_decoder=self.compile_decoder,
         )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from ssam.model.amg import (
     AmgSettings,
     MaskEngine,
+    bf16_decoder,
     decode_prompts,
     masks_to_coco_rles,
     rle_runs,
@@ -280,6 +281,57 @@ def test_decode_prompts_with_per_prompt_embeddings_matches_the_mask_decoder(phot
             torch.testing.assert_close(masks[p : p + 1], m, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(iou[p : p + 1], q, rtol=1e-4, atol=1e-5)
     assert masks.shape == (3, 4, 64, 64) and sem is None and score is None
+
+
+@pytest.mark.parametrize("kind", ["sam", "semantic"])
+def test_the_bf16_decoder_follows_the_float32_one(kind, photos):
+    """The engine's CUDA decoder (a bf16 snapshot, no autocast) run here on the CPU: same dtype
+    plumbing, outputs within bf16's precision of the float32 decoder, the model left in float32."""
+    torch.manual_seed(0)
+    model = build_sam("smoke", seed=0) if kind == "sam" else build_semantic_sam("smoke", clip_dim=24, seed=0)
+    model.eval()
+    feats = torch.cat(MaskEngine(model).encode(photos[:2]))
+    coords = torch.rand(40, 1, 2) * 256
+    labels = torch.ones(40, 1, dtype=torch.int)
+    image_of_prompt = torch.arange(40) % 2
+    dec = bf16_decoder(model)
+    with torch.inference_mode():
+        ref = decode_prompts(model, feats[image_of_prompt], coords, labels)
+        got = decode_prompts(model, feats[image_of_prompt], coords, labels, dec)
+    assert got[0].dtype == torch.bfloat16 and model.mask_decoder.iou_token.weight.dtype == torch.float32
+    scale = ref[0].abs().mean()
+    assert float((got[0].float() - ref[0]).abs().mean()) < 0.02 * float(scale)
+    assert float(((got[0] > 0) == (ref[0] > 0)).float().mean()) > 0.98  # the same pixels in the mask
+    torch.testing.assert_close(got[1].float(), ref[1], atol=0.02, rtol=0.02)
+    if kind == "semantic":
+        cos = (got[2].float() * ref[2]).sum(-1)
+        assert float(cos.min()) > 0.99
+        torch.testing.assert_close(got[3].float(), ref[3], atol=0.02, rtol=0.02)
+
+
+def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog):
+    from ssam.model.amg import run_decoder
+
+    calls = []
+
+    def broken(*args):  # what a torch.compile'd function raises when no compiler is there
+        calls.append(1)
+        raise RuntimeError("backend compiler failed (simulated)")
+
+    engine = MaskEngine(toy, AmgSettings(**LOCAL))
+    engine.run_decoder = broken
+    with caplog.at_level("WARNING", logger="ssam.model.amg"):
+        (got,) = engine.generate(photos[:1])
+    assert calls == [1] and engine.run_decoder is run_decoder
+    assert "running it eagerly" in caplog.text
+    assert got.records == MaskEngine(toy, AmgSettings(**LOCAL)).generate(photos[:1])[0].records
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    engine.run_decoder = out_of_memory  # not a compile failure: the OOM halving handles it
+    (failed,) = engine.generate(photos[:1])
+    assert failed.failure == "gpu_oom" and engine.run_decoder is out_of_memory
 
 
 def test_semantic_sam_extras_are_aligned_with_records(photos):

@@ -29,3 +29,17 @@ def test_sdpa_sam_matches_segment_anythings_attention():
     torch.testing.assert_close(mb, ma, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ib, ia, atol=1e-4, rtol=1e-4)
     assert all("forward" not in vars(m) for m in ref.modules())  # the reference instance is untouched
+
+
+def test_the_cached_relative_position_table_is_segment_anythings():
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from ssam.model.sdpa import rel_pos_table
+
+    torch.manual_seed(0)
+    for q, k in ((14, 14), (64, 64), (5, 9), (9, 5)):
+        table = torch.randn(2 * max(q, k) - 1, 8)
+        assert torch.equal(rel_pos_table(q, k, table), get_rel_pos(q, k, table))
+        assert torch.equal(rel_pos_table(q, k, table * 2), get_rel_pos(q, k, table * 2))  # cached index
+    short = torch.randn(7, 8)  # interpolated: segment-anything's own path
+    assert torch.equal(rel_pos_table(14, 14, short), get_rel_pos(14, 14, short))
