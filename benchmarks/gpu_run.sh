@@ -45,6 +45,6 @@ step 3 && timeout 100 python3 "$REPO/benchmarks/bench_engine.py" --device cuda -
     --out "$OUT/engine_vit_h_t0.json" 2>&1 | grep -v -i warn | tail -40
 
 # 4. vit_b + ViT-B-32: both engines side by side, masks and labels (20% of masks pass)
-step 4 && timeout 90 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_b:ViT-B-32 --iou-keep-share 0.2 \
+step 4 && timeout 150 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_b:ViT-B-32 --iou-keep-share 0.2 \
     --images 4 --batch 4 --points-per-batch 64 --batched-points-per-batch 512 --clip-batch 256 \
     --out "$OUT/engine_vit_b.json" 2>&1 | grep -v -i warn | tail -40
