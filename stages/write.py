@@ -120,6 +120,19 @@ def finalize_shard(shard_dir: str, shard_id: int, provenance: dict) -> dict:
 
     Returns ``{"shard_id", "outcomes", "stage_seconds", "stage_rows"}`` for the run's summary.
     """
+    stats_path = storage.join(shard_dir, f"{shard_id:05d}.stats.json")
+    if storage.exists(stats_path):
+        # A retry of a task whose first attempt committed the shard and then died (its node went)
+        # before returning, maybe while deleting the parts: the shard stands. Rebuilding it from
+        # the parts left would overwrite it with fewer rows, or none.
+        storage.rm(part_dir(shard_dir, shard_id), recursive=True)
+        stats = storage.read_json(stats_path)
+        return {
+            "shard_id": shard_id,
+            "outcomes": stats["outcomes"],
+            "stage_seconds": stats.get("stage_seconds", {}),
+            "stage_rows": {},  # not recorded in the shard: this shard's timings count as unmeasured
+        }
     parts = storage.glob(storage.join(part_dir(shard_dir, shard_id), "*.parquet"))
     rows: dict[str, dict] = {}
     for p in parts:

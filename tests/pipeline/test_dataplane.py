@@ -118,6 +118,13 @@ def test_parts_are_exactly_once_under_retries_and_removed_when_interrupted(tmp_p
     failures = pq.read_table(shards / "00000.failures.parquet").to_pylist()
     assert [(f["key"], f["reason"]) for f in failures] == [("000000001", "decode_failed")]
     assert not Path(part_dir(shards, 0)).exists()
+    # The task retried after its first attempt committed (its node died before it returned, the
+    # parts half deleted): the shard stands, with all its rows.
+    write_parts(_batch(b), str(shards), {"smoke": True})
+    again = finalize_shard(str(shards), 0, {"smoke": True})
+    assert again["outcomes"] == {"written": 2, "decode_failed": 1}
+    assert [k for k, _, _ in iter_run_samples(tmp_path)] == ["000000000", "000000002"]
+    assert not Path(part_dir(shards, 0)).exists()
 
     # An interrupted run leaves parts of shard 1: they are removed before the next run, as is
     # any shard file without its commit marker.
