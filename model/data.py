@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
-from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.transforms.functional import resize, to_pil_image
 
 from ssam.format import decode_sample, iter_tar_samples, validate_sample
 from ssam.overlay import decode_rle
@@ -189,27 +189,79 @@ class Example:
     candidates: list[str] | None = None  # the names the labeller chose among (our shards; None: SA-1B)
 
 
-def sam_input(model, img: np.ndarray) -> torch.Tensor:
-    """SAM's ``preprocess`` (normalise, pad bottom-right to the encoder's square) of a resized HxWx3
-    uint8 image, done on the CPU whatever device the model is on: examples are prepared on the
-    CPU and moved to the model's device in batches."""
-    x = torch.as_tensor(img).permute(2, 0, 1).float()
-    x = (x - model.pixel_mean.detach().cpu()) / model.pixel_std.detach().cpu()
-    size = model.image_encoder.img_size
-    return F.pad(x, (0, size - x.shape[2], 0, size - x.shape[1]))
+@dataclass(frozen=True)
+class Layout:
+    """Where one training image sits on the encoder's ``size x size`` input: resized to
+    ``nh x nw``, mirrored left-right if ``flip``, its top-left corner at ``(oy, ox)`` (negative:
+    the input shows a window of a larger image). Image, masks, points and boxes all go through it.
+
+    ``scale = 1`` without flip is SAM's own ``preprocess`` layout: longest side = ``size``, top-left,
+    padded bottom-right (what prediction sees).
+    """
+
+    size: int
+    nh: int
+    nw: int
+    oy: int = 0
+    ox: int = 0
+    flip: bool = False
+
+    @staticmethod
+    def draw(h: int, w: int, size: int, cfg, g: torch.Generator) -> Layout:
+        """A random layout for an ``h x w`` image: the longest side scaled to ``size`` times a factor
+        drawn uniformly from ``cfg.scale_range`` (large-scale jitter), a uniform position on the input
+        (or window of the image, when it is larger), mirrored with chance ``cfg.hflip_prob``."""
+        lo, hi = cfg.scale_range
+        r = torch.rand(4, generator=g).tolist()
+        s = size * (lo + (hi - lo) * r[0]) / max(h, w)
+        nh, nw = max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))  # ResizeLongestSide's rounding
+
+        def offset(n: int, u: float) -> int:
+            if lo == hi == 1:  # no jitter: SAM's layout, top-left
+                return 0
+            return int(u * (size - n + 1)) if n <= size else -int(u * (n - size + 1))
+
+        return Layout(size, nh, nw, offset(nh, r[1]), offset(nw, r[2]), r[3] < cfg.hflip_prob)
+
+    @property
+    def visible(self) -> tuple[int, int, int, int]:
+        """``x0, y0, x1, y1`` of the image's pixels on the input."""
+        return (max(self.ox, 0), max(self.oy, 0), min(self.ox + self.nw, self.size), min(self.oy + self.nh, self.size))
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """``C x nh x nw`` (already resized) -> ``C x size x size``, zeros where the image is not."""
+        if self.flip:
+            x = x.flip(-1)
+        out = x.new_zeros(x.shape[0], self.size, self.size)
+        x0, y0, x1, y1 = self.visible
+        out[:, y0:y1, x0:x1] = x[:, y0 - self.oy : y1 - self.oy, x0 - self.ox : x1 - self.ox]
+        return out
+
+    def mask(self, m: np.ndarray) -> torch.Tensor:
+        """A mask at the sample's resolution -> ``size x size`` float {0, 1} on the input."""
+        t = torch.from_numpy(np.ascontiguousarray(m)).float()[None, None]
+        return self.place(F.interpolate(t, size=(self.nh, self.nw), mode="nearest")[0])[0]
+
+    def image(self, model, img: np.ndarray) -> torch.Tensor:
+        """The sample's ``H x W x 3`` uint8 image -> the normalised ``3 x size x size`` input."""
+        if (self.nh, self.nw) != img.shape[:2]:  # resized as ResizeLongestSide.apply_image does
+            img = np.array(resize(to_pil_image(img), [self.nh, self.nw]))
+        x = torch.as_tensor(img).permute(2, 0, 1).float()
+        x = (x - model.pixel_mean.detach().cpu()) / model.pixel_std.detach().cpu()
+        return self.place(x)
 
 
 def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Example | None:
-    """Resize to the model's input, pick ``masks_per_image`` masks, sample a prompt for each.
+    """Lay the image out on the model's input (:class:`Layout`: resize, scale jitter, mirror), pick
+    ``masks_per_image`` masks, sample a prompt for each.
 
     An image with fewer masks than that has some picked again, each time with a fresh prompt: the
     image is encoded once per step whatever the number of prompts, so prompts are cheap training.
+    A mask the layout cuts away entirely (a window of a zoomed-in image) is not a target.
     """
     size = model.image_encoder.img_size
-    resize = ResizeLongestSide(size)
-    img = resize.apply_image(sample.image)
-    h, w = img.shape[:2]
-    image = sam_input(model, img)
+    layout = Layout.draw(*sample.image.shape[:2], size, cfg, g)
+    image = layout.image(model, sample.image)
     anns = [(i, a) for i, a in enumerate(sample.meta["annotations"]) if a["area"] >= cfg.min_mask_area]
     if not anns:
         return None
@@ -217,11 +269,11 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
     if len(pick) < cfg.masks_per_image:  # few masks: prompt some again (a fresh point or box each)
         pick += torch.randint(len(anns), (cfg.masks_per_image - len(pick),), generator=g).tolist()
     low = size // 4
+    vx0, vy0, vx1, vy1 = layout.visible
     boxes, points, masks, labels, rows = [], [], [], [], []
     for j in pick:
         i, ann = anns[j]
-        m = torch.from_numpy(decode_rle(ann["segmentation"])).float()[None, None]
-        m = F.interpolate(m, size=(h, w), mode="nearest")[0, 0]
+        m = layout.mask(decode_rle(ann["segmentation"]))
         ys, xs = torch.nonzero(m > 0.5, as_tuple=True)
         if len(ys) == 0:
             continue
@@ -231,21 +283,20 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
         jit = (torch.rand(4, generator=g) * 2 - 1) * cfg.box_jitter * torch.tensor([x1 - x0, y1 - y0] * 2)
         boxes.append(
             [
-                max(0.0, x0 + jit[0].item()),
-                max(0.0, y0 + jit[1].item()),
-                min(float(w), x1 + jit[2].item()),
-                min(float(h), y1 + jit[3].item()),
+                max(float(vx0), x0 + jit[0].item()),
+                max(float(vy0), y0 + jit[1].item()),
+                min(float(vx1), x1 + jit[2].item()),
+                min(float(vy1), y1 + jit[3].item()),
             ]
         )
-        padded = F.pad(m, (0, size - w, 0, size - h))
-        masks.append(F.interpolate(padded[None, None], size=(low, low), mode="area")[0, 0].gt(0.5).float())
+        masks.append(F.interpolate(m[None, None], size=(low, low), mode="area")[0, 0].gt(0.5).float())
         labels.append(ann.get("label"))
         rows.append(i)
     if not masks:
         return None
     n = len(masks)
     emb = torch.from_numpy(sample.emb[rows].astype(np.float32)) if sample.emb is not None else None
-    background = background_points(sample, (h, w), cfg.background_points, g)
+    background = background_points(sample, layout, cfg.background_points, g)
     return Example(
         image,
         torch.tensor(boxes),
@@ -260,8 +311,9 @@ def prepare_example(sample: RawSample, model, cfg, g: torch.Generator) -> Exampl
     )
 
 
-def background_points(sample: RawSample, hw: tuple[int, int], n: int, g: torch.Generator) -> torch.Tensor:
-    """``n`` points (``Nx2`` XY, input frame) on pixels no annotation covers; fewer if there are none.
+def background_points(sample: RawSample, layout: Layout, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` points (``Nx2`` XY, input frame) on image pixels no annotation covers; fewer if there
+    are none.
 
     Automatic mode prompts a grid over the whole image, so most of its points land where no
     object is; a model only ever prompted inside objects has never learnt to score such masks low.
@@ -269,13 +321,11 @@ def background_points(sample: RawSample, hw: tuple[int, int], n: int, g: torch.G
     if n == 0:
         return torch.zeros(0, 2)
     segs = [a["segmentation"] for a in sample.meta["annotations"]]
-    if segs:  # the union in RLE form, decoded and resized once (not once per annotation)
+    on_image = layout.place(torch.ones(1, layout.nh, layout.nw))[0] > 0.5
+    if segs:  # the union in RLE form, decoded and laid out once (not once per annotation)
         union = mask_utils.merge([{"size": s["size"], "counts": s["counts"].encode()} for s in segs])
-        covered = torch.from_numpy(mask_utils.decode(union)).float()[None, None]
-        covered = F.interpolate(covered, size=hw, mode="nearest")[0, 0] > 0.5
-    else:
-        covered = torch.zeros(hw, dtype=torch.bool)
-    ys, xs = torch.nonzero(~covered, as_tuple=True)
+        on_image &= layout.mask(mask_utils.decode(union)) < 0.5
+    ys, xs = torch.nonzero(on_image, as_tuple=True)
     if len(ys) == 0:
         return torch.zeros(0, 2)
     k = torch.randint(len(ys), (n,), generator=g)

@@ -74,6 +74,22 @@ class DataSection(_Section):
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="abort when more than this fraction of samples is bad"
     )
+    hflip_prob: float = Field(
+        0.0, ge=0, le=1, description="chance a training image is mirrored left-right (its masks, points and boxes too)"
+    )
+    scale_range: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="large-scale jitter: the image's longest side is this fraction of the encoder input, drawn "
+        "uniformly per image; smaller sits at a random place on the padded input, larger shows a random "
+        "window of it; [1, 1]: no jitter, SAM's own layout (top-left, padded bottom-right)",
+    )
+
+    @model_validator(mode="after")
+    def _scale_range(self):
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi <= 4:
+            raise ValueError(f"data.scale_range: expected 0 < low <= high <= 4, got {list(self.scale_range)}")
+        return self
 
     @model_validator(mode="after")
     def _mix_sources(self):

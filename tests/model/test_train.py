@@ -5,6 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO
 from PIL import Image
 
@@ -322,32 +323,75 @@ def test_background_points_fall_on_no_annotated_mask():
 
     from PIL import Image
 
-    from ssam.model.data import RawSample, background_points
+    from ssam.model.data import Layout, RawSample, background_points
     from ssam.model.synthetic import make_sample
     from ssam.overlay import decode_rle
 
     s = make_sample("000001", np.random.default_rng(3), size=128)
     image = np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB"))
     raw = RawSample(s.key, image, s.meta, None, "ours")
-    pts = background_points(raw, (128, 128), 32, torch.Generator().manual_seed(0))
+    pts = background_points(raw, Layout(128, 128, 128), 32, torch.Generator().manual_seed(0))
     covered = np.zeros((128, 128), bool)
     for a in s.meta["annotations"]:
         covered |= decode_rle(a["segmentation"]).astype(bool)
     assert pts.shape == (32, 2) and covered.any()
     assert not any(covered[int(y), int(x)] for x, y in pts.tolist())
-    assert background_points(raw, (128, 128), 0, torch.Generator()).shape == (0, 2)
+    assert background_points(raw, Layout(128, 128, 128), 0, torch.Generator()).shape == (0, 2)
+    # on a zoomed-out, mirrored layout: still on image pixels that no shape covers
+    lay = Layout(256, 100, 100, oy=30, ox=140, flip=True)
+    pts = background_points(raw, lay, 64, torch.Generator().manual_seed(1))
+    on_input = torch.stack([lay.mask(decode_rle(a["segmentation"])) for a in s.meta["annotations"]]).amax(0)
+    x0, y0, x1, y1 = lay.visible
+    assert all(x0 <= x < x1 and y0 <= y < y1 and on_input[int(y), int(x)] == 0 for x, y in pts.tolist())
 
 
-def test_sam_input_matches_sam_preprocess_and_stays_on_the_cpu():
-    from ssam.model.data import sam_input
+def test_the_unjittered_layout_is_sam_preprocess_and_stays_on_the_cpu():
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from ssam.model.data import Layout
     from ssam.model.sam import build_sam
 
     sam = build_sam("smoke", seed=0)
     img = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
-    want = sam.preprocess(torch.as_tensor(img).permute(2, 0, 1).float()[None])[0]
-    got = sam_input(sam, img)
+    resized = ResizeLongestSide(256).apply_image(img)
+    want = sam.preprocess(torch.as_tensor(resized).permute(2, 0, 1).float()[None])[0]
+    cfg = load_train_config(SMOKE, []).data  # no jitter: the default
+    layout = Layout.draw(96, 128, 256, cfg, torch.Generator().manual_seed(0))
+    assert layout == Layout(256, 192, 256)
+    got = layout.image(sam, img)
     assert got.device.type == "cpu" and got.shape == want.shape
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_jittered_examples_keep_image_masks_points_and_boxes_together(seed):
+    """Jitter (scale, position, mirror; off by default) moves the targets with the image: on
+    synthetic shapes (bright on a dark background) every target mask lies on bright pixels, every
+    point on its mask, every box around it; the layouts drawn do zoom in, out and mirror."""
+    from ssam.model.data import Layout, RawSample, prepare_example
+    from ssam.model.semantic_sam import build_semantic_sam
+    from ssam.model.synthetic import make_sample
+
+    assert load_train_config(SMOKE, []).data.scale_range == (1, 1)  # off unless asked for
+    cfg = load_train_config(SMOKE, ["data.hflip_prob=0.5", "data.scale_range=[0.5,1.5]"]).data
+    model = build_semantic_sam("smoke", clip_dim=32)
+    s = make_sample("000001", np.random.default_rng(seed), size=128)
+    image = np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB"))
+    g = torch.Generator().manual_seed(seed)
+    ex = prepare_example(RawSample(s.key, image, s.meta, None, "ours"), model, cfg, g)
+    x = ex.image * model.pixel_std.cpu() + model.pixel_mean.cpu()
+    bright = x.amax(0) > 90  # shapes are 120-255 in some channel, the background below 60
+    low = F.avg_pool2d(bright[None, None].float(), 4)[0, 0]  # the targets' low-res frame
+    for m, (px, py), (x0, y0, x1, y1) in zip(ex.target_masks, ex.points_xy, ex.boxes_xyxy, strict=True):
+        assert m.sum() > 0 and low[m > 0].mean() > 0.9
+        assert bright[int(py), int(px)]
+        ys, xs = torch.nonzero(F.interpolate(m[None, None], scale_factor=4)[0, 0], as_tuple=True)
+        margin = 0.1 * max(x1 - x0, y1 - y0) + 4  # box jitter, low-res rounding
+        assert x0 - margin <= xs.min() and xs.max() <= x1 + margin and y0 - margin <= ys.min() <= ys.max() <= y1 + margin
+
+    layouts = [Layout.draw(128, 128, 256, cfg, torch.Generator().manual_seed(i)) for i in range(40)]
+    assert any(lay.nh > 256 for lay in layouts) and any(lay.nh < 256 for lay in layouts)
+    assert any(lay.flip for lay in layouts) and not all(lay.flip for lay in layouts)
 
 
 def test_outputs_covering_a_labelled_mask_learn_its_name_too(shapes, tmp_path):
@@ -377,3 +421,8 @@ def test_outputs_covering_a_labelled_mask_learn_its_name_too(shapes, tmp_path):
         train_mod.semantic_losses = real
     (all_named, masks_a), (best_only, masks_b) = seen[:2], seen[2:]
     assert all_named == 3 * masks_a and best_only == masks_b  # min_iou 0: all three outputs of each mask
+
+
+def test_a_bad_scale_range_is_refused_by_name():
+    with pytest.raises(TrainConfigError, match="scale_range"):
+        load_train_config(SMOKE, ["data.scale_range=[1.5,0.5]"])
