@@ -226,7 +226,12 @@ class Layout:
     @property
     def visible(self) -> tuple[int, int, int, int]:
         """``x0, y0, x1, y1`` of the image's pixels on the input."""
-        return (max(self.ox, 0), max(self.oy, 0), min(self.ox + self.nw, self.size), min(self.oy + self.nh, self.size))
+        return (
+            max(self.ox, 0),
+            max(self.oy, 0),
+            min(self.ox + self.nw, self.size),
+            min(self.oy + self.nh, self.size),
+        )
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
         """``C x nh x nw`` (already resized) -> ``C x size x size``, zeros where the image is not."""

@@ -75,7 +75,10 @@ class DataSection(_Section):
         0.05, ge=0, le=1, description="abort when more than this fraction of samples is bad"
     )
     hflip_prob: float = Field(
-        0.0, ge=0, le=1, description="chance a training image is mirrored left-right (its masks, points and boxes too)"
+        0.0,
+        ge=0,
+        le=1,
+        description="chance a training image is mirrored left-right (its masks, points and boxes too)",
     )
     scale_range: tuple[float, float] = Field(
         (1.0, 1.0),

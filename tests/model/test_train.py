@@ -387,7 +387,11 @@ def test_jittered_examples_keep_image_masks_points_and_boxes_together(seed):
         assert bright[int(py), int(px)]
         ys, xs = torch.nonzero(F.interpolate(m[None, None], scale_factor=4)[0, 0], as_tuple=True)
         margin = 0.1 * max(x1 - x0, y1 - y0) + 4  # box jitter, low-res rounding
-        assert x0 - margin <= xs.min() and xs.max() <= x1 + margin and y0 - margin <= ys.min() <= ys.max() <= y1 + margin
+        assert (
+            x0 - margin <= xs.min()
+            and xs.max() <= x1 + margin
+            and y0 - margin <= ys.min() <= ys.max() <= y1 + margin
+        )
 
     layouts = [Layout.draw(128, 128, 256, cfg, torch.Generator().manual_seed(i)) for i in range(40)]
     assert any(lay.nh > 256 for lay in layouts) and any(lay.nh < 256 for lay in layouts)
