@@ -33,6 +33,44 @@ LOGIT_SCALE_MAX = math.log(100.0)  # the temperature exp(logit_scale) stays at m
 CHECKPOINT_VERSION = 1
 
 
+class MaskShape(nn.Module):
+    """What each predicted mask looks like, as an input to the semantic head.
+
+    Each low-res mask is cut to its own box (logit > 0; the whole frame if it has none), its
+    probabilities resampled there to ``side x side`` (``roi_align``) and passed through a small MLP
+    into the decoder's token width. Scale- and position-free, this is the outline the semantic
+    token would otherwise have to recover from the image tokens alone (written here: no library
+    has it). The masks are detached: naming does not pull on the masks. The last layer starts at
+    zero, so an untrained ``MaskShape`` adds nothing (and a checkpoint from before it loads as it
+    was, see :func:`load_model`).
+    """
+
+    def __init__(self, dim: int, side: int = 16):
+        super().__init__()
+        self.side = side
+        self.mlp = nn.Sequential(nn.Linear(side * side, dim), nn.GELU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        """``P x K x H x W`` mask logits -> ``P x K x dim``."""
+        from torchvision.ops import roi_align
+
+        p, k, h, w = masks.shape
+        m = masks.detach().float().reshape(p * k, 1, h, w)
+        on = m[:, 0] > 0
+        rows, cols = on.any(2), on.any(1)  # [N, H], [N, W]
+        ys, xs = torch.arange(h, device=m.device), torch.arange(w, device=m.device)
+        y0, y1 = torch.where(rows, ys, h).amin(1), torch.where(rows, ys + 1, 0).amax(1)
+        x0, x1 = torch.where(cols, xs, w).amin(1), torch.where(cols, xs + 1, 0).amax(1)
+        empty = y1 <= y0
+        box = torch.stack([x0, y0, x1, y1], 1).float()
+        box = torch.where(empty[:, None], box.new_tensor([0.0, 0.0, w, h]), box)
+        idx = torch.arange(p * k, device=m.device, dtype=box.dtype)[:, None]
+        crop = roi_align(torch.sigmoid(m), torch.cat([idx, box], 1), (self.side, self.side), 1.0, 2, True)
+        return self.mlp(crop.flatten(1).to(self.mlp[0].weight.dtype)).view(p, k, -1)
+
+
 class SemanticMaskDecoder(MaskDecoder):
     """SAM's mask decoder plus semantic tokens, a score token and their heads."""
 
@@ -58,6 +96,7 @@ class SemanticMaskDecoder(MaskDecoder):
         self.score_token = nn.Embedding(1, transformer_dim)
         self.semantic_head = MLP(transformer_dim, transformer_dim, clip_dim, semantic_head_depth)
         self.score_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        self.mask_shape = MaskShape(transformer_dim)
 
     def predict_all(
         self,
@@ -102,7 +141,7 @@ class SemanticMaskDecoder(MaskDecoder):
         hyper = torch.stack([self.output_hypernetworks_mlps[i](mask_out[:, i]) for i in range(k)], dim=1)
         bu, cu, hu, wu = up.shape
         masks = (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu)
-        semantic = F.normalize(self.semantic_head(sem_out), dim=-1)
+        semantic = F.normalize(self.semantic_head(sem_out + self.mask_shape(masks)), dim=-1)
         return masks, self.iou_prediction_head(iou_out), semantic, self.score_head(score_out)
 
 
@@ -187,7 +226,8 @@ class SemanticSam(Sam):
             n
             for n, _ in model.named_parameters()
             if n == "logit_scale"
-            or n.split(".")[1] in ("semantic_tokens", "score_token", "semantic_head", "score_head")
+            or n.split(".")[1]
+            in ("semantic_tokens", "score_token", "semantic_head", "score_head", "mask_shape")
         }
 
 
@@ -277,8 +317,15 @@ def load_model(path, device: str = "cpu") -> tuple[SemanticSam, dict]:
     payload = read_checkpoint(path)
     cfg = payload["model_config"]
     model = build_semantic_sam(cfg["sam_size"], cfg["clip_dim"])
+    state = payload["state_dict"]
+    if not any(k.startswith("mask_decoder.mask_shape.") for k in state):
+        # written before MaskShape existed: keep its zero-initialised (adds nothing) weights
+        state = {
+            **{k: v for k, v in model.state_dict().items() if k.startswith("mask_decoder.mask_shape.")},
+            **state,
+        }
     try:
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit a {cfg['sam_size']} model: {str(e)[:300]}") from e
     return model.to(device).eval(), payload

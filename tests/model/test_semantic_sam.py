@@ -4,6 +4,7 @@ from segment_anything import build_sam_vit_b
 
 from ssam.model.semantic_sam import (
     CheckpointError,
+    MaskShape,
     SemanticSam,
     build_semantic_sam,
     load_model,
@@ -30,7 +31,7 @@ def test_sam_vit_b_checkpoint_fills_every_sam_parameter_and_only_new_ones_are_mi
     assert missing == {"logit_scale"} | {
         n
         for n, _ in model.named_parameters()
-        if n.startswith(("mask_decoder.semantic_", "mask_decoder.score_"))
+        if n.startswith(("mask_decoder.semantic_", "mask_decoder.score_", "mask_decoder.mask_shape."))
     }
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in state.items())
@@ -96,3 +97,46 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, vit_b_sam_file):
     torch.save(payload, tmp_path / "b.pt")
     with pytest.raises(CheckpointError, match="weights do not fit a smoke model"):
         load_model(tmp_path / "b.pt")
+
+
+def _disk(side: int, cx: float, cy: float, r: float) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).float()
+
+
+def test_mask_shape_sees_the_outline_not_where_or_how_large():
+    """The semantic head's mask input: a disk anywhere and at any size looks alike, a square does
+    not; an empty mask is read over the whole frame (no NaN); untrained, it adds nothing."""
+    torch.manual_seed(0)
+    shape = MaskShape(32)
+    logits = lambda m: (m * 2 - 1) * 8  # noqa: E731 -- {0, 1} masks as confident logits
+    assert shape(logits(_disk(64, 20, 20, 10))[None, None]).abs().max() == 0  # zero-initialised last layer
+    torch.nn.init.normal_(shape.mlp[2].weight)
+    square = torch.zeros(64, 64)
+    square[10:40, 20:50] = 1
+    masks = torch.stack([_disk(64, 20, 20, 10), _disk(64, 40, 35, 20), square, torch.zeros(64, 64)])
+    out = shape(logits(masks)[None])[0]
+    assert torch.isfinite(out).all() and out.shape == (4, 32)
+    small_vs_large = (out[0] - out[1]).norm()
+    assert small_vs_large < 0.2 * (out[0] - out[2]).norm()
+
+
+def test_a_checkpoint_from_before_mask_shape_loads_and_predicts_as_it_did(tmp_path):
+    model = build_semantic_sam("smoke", clip_dim=32, seed=4).eval()  # untrained: MaskShape adds nothing
+    save_model(tmp_path / "m.pt", model, {})
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if ".mask_shape." not in k}
+    torch.save(payload, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    assert all(
+        v.abs().max() == 0
+        for k, v in old.state_dict().items()
+        if k.startswith("mask_decoder.mask_shape.mlp.2")
+    )
+    image = torch.randn(1, 3, 256, 256)
+    prompts = [(torch.tensor([[20.0, 30.0, 120.0, 140.0]]), torch.tensor([[60.0, 70.0]]))]
+    with torch.no_grad():
+        want, _ = model(image, prompts)
+        got, _ = old(image, prompts)
+    for a, b in zip(want[0], got[0], strict=True):
+        torch.testing.assert_close(a, b)
