@@ -7,8 +7,9 @@ additions in its token sequence::
     [iou token | 4 mask tokens | 4 semantic tokens | score token | prompt tokens]
 
 Semantic token ``i``, plus an embedding of mask ``i``'s outline (:class:`MaskShape`), goes through
-an MLP head into the CLIP text-embedding space (L2-normalised): the name of mask ``i``. The score token predicts the cosine between that mask's CLIP crop
-embedding and its label's text embedding: how nameable the mask is. A learned temperature
+an MLP head into the CLIP text-embedding space (L2-normalised): the name of mask ``i``. The score
+token predicts the cosine between that mask's CLIP crop embedding and its label's text embedding:
+how nameable the mask is. A learned temperature
 (``logit_scale``, CLIP-style, at most 100) scales cosine logits for the contrastive loss and
 prediction; the softmax over a vocabulary at that temperature is the label's probability.
 """
