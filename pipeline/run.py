@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ssam import storage
-from ssam.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete
+from ssam.format import FAILURE_SCHEMA, MANIFEST, complete_shards, remove_incomplete, stats_path
 from ssam.stages.common import OK
 from ssam.stages.download import (
     DOWNLOAD_DONE,
@@ -187,7 +187,7 @@ def collect_totals(run: str, input_rows: int) -> dict:
     ann = labelled = 0
     shards = complete_shards(shard_dir)  # one listing (a remote call in object storage)
     for sid in shards:
-        stats = storage.read_json(storage.join(shard_dir, f"{sid:05d}.stats.json"))
+        stats = storage.read_json(stats_path(shard_dir, sid))
         by_reason.update(stats["outcomes"])
         ann += stats["annotations"]
         labelled += stats.get("labelled", 0)

@@ -109,6 +109,11 @@ def shard_name(shard_id: int) -> str:
     return f"{shard_id:0{SHARD_DIGITS}d}"
 
 
+def stats_path(out_dir: str | os.PathLike, shard_id: int) -> str:
+    """The path of shard ``shard_id``'s ``stats.json`` (its commit marker) in ``out_dir``."""
+    return storage.join(os.fspath(out_dir), f"{shard_name(shard_id)}.stats.json")
+
+
 @dataclass
 class Sample:
     """One written sample: the stored JPEG, its JSON (docs/FORMAT.md) and optional crop embeddings."""
@@ -236,7 +241,7 @@ def write_shard(out_dir: str | os.PathLike, content: ShardContent) -> Path:
             storage.put_file(tmp / f"{stem}{suffix}", storage.join(out, f"{stem}{suffix}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return storage.join(out, f"{stem}.stats.json")
+    return stats_path(out, content.shard_id)
 
 
 def _read_parquet(path: str) -> pa.Table:

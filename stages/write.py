@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ssam import storage
-from ssam.format import PARTS_DIR, Failure, Sample, ShardContent, write_shard
+from ssam.format import PARTS_DIR, Failure, Sample, ShardContent, stats_path, write_shard
 
 from .common import OK, as_list, batch_len
 
@@ -120,15 +120,15 @@ def finalize_shard(shard_dir: str, shard_id: int, provenance: dict) -> dict:
 
     Returns ``{"shard_id", "outcomes", "stage_seconds", "stage_rows"}`` for the run's summary.
     """
-    stats_path = storage.join(shard_dir, f"{shard_id:05d}.stats.json")
-    if storage.exists(stats_path):
+    committed = stats_path(shard_dir, shard_id)
+    if storage.exists(committed):
         # A retry of a task whose first attempt committed the shard and then died (its node went)
         # before returning, maybe while deleting the parts: the shard stands. Rebuilding it from
         # the parts left would overwrite it with fewer rows, or none.
         storage.rm(part_dir(shard_dir, shard_id), recursive=True)
         # Its rows per stage are not in the shard, so its timings count as unmeasured: seconds
         # without their rows would inflate the run's seconds per row.
-        outcomes = storage.read_json(stats_path)["outcomes"]
+        outcomes = storage.read_json(committed)["outcomes"]
         return {"shard_id": shard_id, "outcomes": outcomes, "stage_seconds": {}, "stage_rows": {}}
     parts = storage.glob(storage.join(part_dir(shard_dir, shard_id), "*.parquet"))
     rows: dict[str, dict] = {}
