@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.modeling.mask_decoder import MLP
+from segment_anything.utils.amg import batched_mask_to_box
 from torch import nn
+from torchvision.ops import roi_align
 
 from ssam.io import atomic_path
 
@@ -55,17 +57,13 @@ class MaskShape(nn.Module):
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
         """``P x K x H x W`` mask logits -> ``P x K x dim``."""
-        from torchvision.ops import roi_align
-
         p, k, h, w = masks.shape
         m = masks.detach().float().reshape(p * k, 1, h, w)
         on = m[:, 0] > 0
-        rows, cols = on.any(2), on.any(1)  # [N, H], [N, W]
-        ys, xs = torch.arange(h, device=m.device), torch.arange(w, device=m.device)
-        y0, y1 = torch.where(rows, ys, h).amin(1), torch.where(rows, ys + 1, 0).amax(1)
-        x0, x1 = torch.where(cols, xs, w).amin(1), torch.where(cols, xs + 1, 0).amax(1)
-        empty = y1 <= y0
-        box = torch.stack([x0, y0, x1, y1], 1).float()
+        box = batched_mask_to_box(on).float() + m.new_tensor(
+            [0.0, 0.0, 1.0, 1.0]
+        )  # inclusive end -> exclusive
+        empty = ~on.flatten(1).any(1)
         box = torch.where(empty[:, None], box.new_tensor([0.0, 0.0, w, h]), box)
         idx = torch.arange(p * k, device=m.device, dtype=box.dtype)[:, None]
         crop = roi_align(torch.sigmoid(m), torch.cat([idx, box], 1), (self.side, self.side), 1.0, 2, True)
