@@ -326,7 +326,9 @@ def background_points(sample: RawSample, layout: Layout, n: int, g: torch.Genera
     if n == 0:
         return torch.zeros(0, 2)
     segs = [a["segmentation"] for a in sample.meta["annotations"]]
-    on_image = layout.place(torch.ones(1, layout.nh, layout.nw))[0] > 0.5
+    x0, y0, x1, y1 = layout.visible
+    on_image = torch.zeros(layout.size, layout.size, dtype=torch.bool)
+    on_image[y0:y1, x0:x1] = True
     if segs:  # the union in RLE form, decoded and laid out once (not once per annotation)
         union = mask_utils.merge([{"size": s["size"], "counts": s["counts"].encode()} for s in segs])
         on_image &= layout.mask(mask_utils.decode(union)) < 0.5

@@ -267,17 +267,25 @@ def test_the_recipe_trains_vit_b_from_an_official_sam_checkpoint_layout(shapes, 
     assert all(np.isfinite(m["loss"]) and m["masks"] == 2 for m in metrics(tmp_path / "run"))
 
 
-def test_prompts_fill_masks_per_image_and_carry_the_candidates():
-    from ssam.model.data import RawSample, prepare_example
-    from ssam.model.semantic_sam import build_semantic_sam
+def _raw_shapes(seed: int):
+    """A synthetic sample (1-3 shapes, 128 px) decoded as the trainer reads it: ``(RawSample, Sample)``."""
+    from ssam.model.data import RawSample
     from ssam.model.synthetic import make_sample
 
-    s = make_sample("000001", np.random.default_rng(3), size=128)
+    s = make_sample("000001", np.random.default_rng(seed), size=128)
     image = np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB"))
+    return RawSample(s.key, image, s.meta, None, "ours"), s
+
+
+def test_prompts_fill_masks_per_image_and_carry_the_candidates():
+    from ssam.model.data import prepare_example
+    from ssam.model.semantic_sam import build_semantic_sam
+
+    raw, s = _raw_shapes(3)
     names = [a["label"] for a in s.meta["annotations"]]
     cfg = load_train_config(SMOKE, ["data.masks_per_image=7"]).data
     model = build_semantic_sam("smoke", clip_dim=32)
-    ex = prepare_example(RawSample(s.key, image, s.meta, None, "ours"), model, cfg, torch.Generator())
+    ex = prepare_example(raw, model, cfg, torch.Generator())
     assert len(names) < 7 and len(ex.labels) == 7 and set(ex.labels) == set(names)  # every mask, some twice
     assert ex.candidates == list(SHAPES)
 
@@ -319,17 +327,11 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_background_points_fall_on_no_annotated_mask():
-    import io
 
-    from PIL import Image
-
-    from ssam.model.data import Layout, RawSample, background_points
-    from ssam.model.synthetic import make_sample
+    from ssam.model.data import Layout, background_points
     from ssam.overlay import decode_rle
 
-    s = make_sample("000001", np.random.default_rng(3), size=128)
-    image = np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB"))
-    raw = RawSample(s.key, image, s.meta, None, "ours")
+    raw, s = _raw_shapes(3)
     pts = background_points(raw, Layout(128, 128, 128), 32, torch.Generator().manual_seed(0))
     covered = np.zeros((128, 128), bool)
     for a in s.meta["annotations"]:
@@ -368,17 +370,14 @@ def test_jittered_examples_keep_image_masks_points_and_boxes_together(seed):
     """Jitter (scale, position, mirror; off by default) moves the targets with the image: on
     synthetic shapes (bright on a dark background) every target mask lies on bright pixels, every
     point on its mask, every box around it; the layouts drawn do zoom in, out and mirror."""
-    from ssam.model.data import Layout, RawSample, prepare_example
+    from ssam.model.data import Layout, prepare_example
     from ssam.model.semantic_sam import build_semantic_sam
-    from ssam.model.synthetic import make_sample
 
     assert load_train_config(SMOKE, []).data.scale_range == (1, 1)  # off unless asked for
     cfg = load_train_config(SMOKE, ["data.hflip_prob=0.5", "data.scale_range=[0.5,1.5]"]).data
     model = build_semantic_sam("smoke", clip_dim=32)
-    s = make_sample("000001", np.random.default_rng(seed), size=128)
-    image = np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB"))
-    g = torch.Generator().manual_seed(seed)
-    ex = prepare_example(RawSample(s.key, image, s.meta, None, "ours"), model, cfg, g)
+    raw, _ = _raw_shapes(seed)
+    ex = prepare_example(raw, model, cfg, torch.Generator().manual_seed(seed))
     x = ex.image * model.pixel_std.cpu() + model.pixel_mean.cpu()
     bright = x.amax(0) > 90  # shapes are 120-255 in some channel, the background below 60
     low = F.avg_pool2d(bright[None, None].float(), 4)[0, 0]  # the targets' low-res frame
