@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
@@ -109,20 +110,50 @@ def bf16_autocast(device: torch.device, enabled: bool):
     )
 
 
+def resize_image(image_hwc: np.ndarray, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """An ``H x W x 3`` uint8 image resized to ``hw`` on ``device``: ``1 x 3 x h x w`` float32 of
+    whole numbers 0..255.
+
+    The same filter as segment-anything's ``ResizeLongestSide.apply_image`` (PIL bilinear with
+    antialiasing), done by torch where the image goes: on a CPU torch's uint8 kernel, which uses
+    PIL's fixed-point arithmetic (measured: the same pixels but for a few one or two levels off,
+    and 2-5x faster than PIL); on CUDA the original uint8 pixels are uploaded from pinned memory
+    without waiting and resized there, so the host neither resizes nor waits for the copy.
+    """
+    if image_hwc.ndim != 3 or image_hwc.shape[2] != 3 or image_hwc.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8, got {image_hwc.shape} {image_hwc.dtype}")
+    t = torch.from_numpy(np.ascontiguousarray(image_hwc) if image_hwc.flags.writeable else image_hwc.copy())
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    elif t.device != device:
+        t = t.to(device)
+    t = t.permute(2, 0, 1)[None]
+    if tuple(hw) == tuple(t.shape[-2:]):
+        return t.float()
+    if t.device.type == "cpu":  # the uint8 kernel rounds and clamps as PIL does
+        return F.interpolate(t, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False).float()
+    # Float kernels elsewhere: rounded and clamped back to the uint8 image PIL would have made.
+    out = F.interpolate(t.float(), size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255)
+
+
+def resize_longest_side(image_hwc: np.ndarray, target: int, device: torch.device) -> torch.Tensor:
+    """:func:`resize_image` to SAM's input size: the longest side ``target``, as
+    ``ResizeLongestSide.apply_image`` (its rounding of the other side too)."""
+    hw = ResizeLongestSide.get_preprocess_shape(image_hwc.shape[0], image_hwc.shape[1], target)
+    return resize_image(image_hwc, hw, device)
+
+
 @torch.inference_mode()
 def sam_image_features(
     model: Sam, images: Sequence[np.ndarray], batch_size: int, bf16: bool, encoder=None
 ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """Image-encoder features ``1xCxhxw`` (float32) and resized input size ``(h, w)`` of each HxWx3
     uint8 RGB image, ``batch_size`` images per forward (``encoder``: e.g. a compiled one)."""
-    transform, encoder = ResizeLongestSide(model.image_encoder.img_size), encoder or model.image_encoder
+    size, encoder = model.image_encoder.img_size, encoder or model.image_encoder
     out = []
     for a in range(0, len(images), batch_size):
-        resized = [
-            torch.as_tensor(transform.apply_image(im), device=model.device)
-            for im in images[a : a + batch_size]
-        ]
-        resized = [t.permute(2, 0, 1).contiguous()[None] for t in resized]
+        resized = [resize_longest_side(im, size, model.device) for im in images[a : a + batch_size]]
         with bf16_autocast(model.device, bf16):
             feats = encoder(torch.cat([model.preprocess(t) for t in resized])).float()
         out += [(f, tuple(t.shape[-2:])) for f, t in zip(feats.split(1), resized, strict=True)]

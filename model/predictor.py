@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .amg import AmgSettings, MaskEngine
+from .amg import AmgSettings, MaskEngine, resize_longest_side
 from .semantic_sam import SemanticSam
 
 
@@ -28,11 +28,11 @@ class SemanticPredictor:
 
     @torch.inference_mode()
     def set_image(self, image_hwc: np.ndarray) -> None:
-        img = self.transform.apply_image(image_hwc)
+        img = resize_longest_side(image_hwc, self.model.image_encoder.img_size, self.device)
         self.original_size = image_hwc.shape[:2]
-        self.input_size = img.shape[:2]
+        self.input_size = tuple(img.shape[-2:])
         self.image = image_hwc
-        x = self.model.preprocess(torch.as_tensor(img, device=self.device).permute(2, 0, 1).float()[None])
+        x = self.model.preprocess(img)
         self.features = self.model.image_encoder(x)
 
     @torch.inference_mode()

@@ -19,6 +19,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import build_all_layer_point_grids
+from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from ssam.model.amg import (
@@ -27,6 +28,8 @@ from ssam.model.amg import (
     bf16_decoder,
     decode_prompts,
     masks_to_coco_rles,
+    resize_image,
+    resize_longest_side,
     rle_runs,
     take_runs,
 )
@@ -225,6 +228,29 @@ def test_precomputed_features_and_returned_masks(toy, photos):
         assert np.array_equal(
             g.masks, decode_rles([r["segmentation"] for r in g.records], *im.shape[:2]).astype(bool)
         )
+
+
+@pytest.mark.parametrize("target", [1024, 300, 64])
+def test_resize_is_segment_anythings_pil_resize(photos, target):
+    """The engine's torch resize gives the image segment-anything's PIL resize gives (SAM's input),
+    up and down, whole images and crops (non-contiguous views)."""
+    transform = ResizeLongestSide(target)
+    for im in [*photos, photos[0][40:400:, 17:333], photos[1][::2]]:
+        ours = resize_longest_side(im, target, torch.device("cpu"))
+        pil = torch.from_numpy(transform.apply_image(np.ascontiguousarray(im))).permute(2, 0, 1)[None]
+        assert ours.shape == pil.shape and ours.dtype == torch.float32
+        diff = (ours - pil.float()).abs()
+        assert diff.max() <= 2 and diff.mean() < 0.05, (im.shape, target, diff.max(), diff.mean())
+
+
+def test_resize_keeps_a_same_size_image_and_refuses_other_dtypes(photos):
+    im = photos[0]
+    same = resize_image(im, im.shape[:2], torch.device("cpu"))
+    assert torch.equal(same[0].permute(1, 2, 0), torch.from_numpy(im.copy()).float())
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        resize_image(im.astype(np.float32), (10, 10), torch.device("cpu"))
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        resize_image(im[..., 0], (10, 10), torch.device("cpu"))
 
 
 def test_flat_gray_image_gives_no_empty_or_degenerate_mask():
