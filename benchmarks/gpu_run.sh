@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2 only)
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
-STEPS=${STEPS:-0124}  # step 3 (thresholds 0/0 through the whole path) only when asked
+STEPS=${STEPS:-01245}  # step 3 (thresholds 0/0 through the whole path) only when asked
 step() { [[ $STEPS == *$1* ]]; }
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,3 +48,6 @@ step 3 && timeout 100 python3 "$REPO/benchmarks/bench_engine.py" --device cuda -
 step 4 && timeout 150 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_b:ViT-B-32 --iou-keep-share 0.2 \
     --images 4 --batch 4 --points-per-batch 64 --batched-points-per-batch 512 --clip-batch 256 \
     --out "$OUT/engine_vit_b.json" 2>&1 | grep -v -i warn | tail -40
+
+# 5. SAM's input resize: PIL on the host + upload against a pinned upload and resize on the device
+step 5 && timeout 60 python3 "$REPO/benchmarks/bench_resize.py" --device cuda --sizes 384 640 1024 2048 2>&1 | tail -6
