@@ -116,9 +116,10 @@ def resize_image(image_hwc: np.ndarray, hw: tuple[int, int], device: torch.devic
 
     The same filter as segment-anything's ``ResizeLongestSide.apply_image`` (PIL bilinear with
     antialiasing), done by torch where the image goes: on a CPU torch's uint8 kernel, which uses
-    PIL's fixed-point arithmetic (measured: the same pixels but for a few one or two levels off,
-    and 2-5x faster than PIL); on CUDA the original uint8 pixels are uploaded from pinned memory
-    without waiting and resized there, so the host neither resizes nor waits for the copy.
+    PIL's fixed-point arithmetic (measured: the same pixels but for a few one level off, and
+    x1.1-3.4 faster than PIL plus the upload, benchmarks/README.md); on CUDA the original uint8
+    pixels are uploaded from pinned memory without waiting and resized there, so the host neither
+    resizes nor waits for the copy.
     """
     if image_hwc.ndim != 3 or image_hwc.shape[2] != 3 or image_hwc.dtype != np.uint8:
         raise ValueError(f"image must be HxWx3 uint8, got {image_hwc.shape} {image_hwc.dtype}")

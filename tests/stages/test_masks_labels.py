@@ -62,14 +62,21 @@ def test_masks_on_a_real_photo_are_valid_sa1b_annotations(mask_stage):
 
 
 def test_batched_encoder_features_equal_segment_anythings_own():
+    """Batched encoding (padding, normalising, several images a forward) gives each image the
+    features segment-anything's predictor gives it alone, from the same resized image (the resize
+    itself is checked against segment-anything's PIL one in tests/model/test_amg.py)."""
     from segment_anything import SamPredictor
+
+    from ssam.model.amg import resize_longest_side
 
     mask_stage = MaskStage(*_smoke_masks_cfg(engine="reference"))
     images = [image_from_jpeg(imagefiles.jpeg(s)) for s in (300, 200, 260)]
     batched = mask_stage.embed(images)
     ref = SamPredictor(mask_stage.sam)
     for im, (feats, size) in zip(images, batched, strict=True):
-        ref.set_image(im)
+        ref.set_torch_image(
+            resize_longest_side(im, ref.model.image_encoder.img_size, ref.device), im.shape[:2]
+        )
         assert tuple(ref.input_size) == size
         torch.testing.assert_close(feats, ref.features, atol=1e-4, rtol=1e-4)
 
