@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .amg import AmgSettings, MaskEngine, resize_longest_side
+from .amg import AmgSettings, MaskEngine, sam_image_features
 from .semantic_sam import SemanticSam
 
 
@@ -28,12 +28,10 @@ class SemanticPredictor:
 
     @torch.inference_mode()
     def set_image(self, image_hwc: np.ndarray) -> None:
-        img = resize_longest_side(image_hwc, self.model.image_encoder.img_size, self.device)
+        # the masks stage's encoding (resize, normalise, pad, encode), for one image
+        [(self.features, self.input_size)] = sam_image_features(self.model, [image_hwc], 1, bf16=False)
         self.original_size = image_hwc.shape[:2]
-        self.input_size = tuple(img.shape[-2:])
         self.image = image_hwc
-        x = self.model.preprocess(img)
-        self.features = self.model.image_encoder(x)
 
     @torch.inference_mode()
     def _decode(self, boxes=None, points=None) -> tuple[torch.Tensor, ...]:

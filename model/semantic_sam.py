@@ -60,9 +60,8 @@ class MaskShape(nn.Module):
         p, k, h, w = masks.shape
         m = masks.detach().float().reshape(p * k, 1, h, w)
         on = m[:, 0] > 0
-        box = batched_mask_to_box(on).float() + m.new_tensor(
-            [0.0, 0.0, 1.0, 1.0]
-        )  # inclusive end -> exclusive
+        exclusive_end = m.new_tensor([0.0, 0.0, 1.0, 1.0])  # batched_mask_to_box's x1, y1 are inclusive
+        box = batched_mask_to_box(on).float() + exclusive_end
         empty = ~on.flatten(1).any(1)
         box = torch.where(empty[:, None], box.new_tensor([0.0, 0.0, w, h]), box)
         idx = torch.arange(p * k, device=m.device, dtype=box.dtype)[:, None]

@@ -327,7 +327,6 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_background_points_fall_on_no_annotated_mask():
-
     from ssam.model.data import Layout, background_points
     from ssam.overlay import decode_rle
 
