@@ -398,6 +398,7 @@ class MaskEngine:
         prompt_job_t = torch.as_tensor(prompt_job, device=dev)
 
         parts, dim = [], 0
+        calibration = getattr(self.model, "iou_calibration", None)  # Semantic-SAM trained here
         for a in range(0, len(points), s.points_per_batch):
             b = min(a + s.points_per_batch, len(points))
             first, last = int(prompt_job[a]), int(prompt_job[b - 1])
@@ -407,6 +408,8 @@ class MaskEngine:
                 out = self._decode(f, coords_t[a:b, None], labels)
             # The three multimask outputs, flattened prompt-major like the generator's.
             low, iou = out[0][:, 1:].float().flatten(0, 1), out[1][:, 1:].float().flatten()
+            if calibration is not None:  # thresholds, NMS and records see the calibrated IoU
+                iou = calibration.apply(iou)
             extras = [x[:, 1:].float().flatten(0, 1) for x in out[2:]] if self.semantic else []
             dim = extras[0].shape[-1] if extras else 0
             prompt = torch.arange(a, b, device=dev).repeat_interleave(out[0].shape[1] - 1)

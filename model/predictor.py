@@ -58,6 +58,8 @@ class SemanticPredictor:
         masks, iou, sem, score = self._decode(boxes=boxes, points=points)
         best = iou[:, 1:].argmax(1) + 1
         rows = torch.arange(len(best), device=best.device)
+        if self.model.iou_calibration is not None:  # monotone: the same output is best
+            iou = self.model.iou_calibration.apply(iou)
         up = self._upscale(masks[rows, best][:, None])[:, 0] > self.model.mask_threshold
         return (
             up.cpu().numpy(),

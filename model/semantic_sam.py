@@ -29,6 +29,7 @@ from torchvision.ops import roi_align
 
 from ssam.io import atomic_path
 
+from .calibration import IouCalibration
 from .sam import build_sam_modules, get_sam_size
 
 CHECKPOINT_FORMAT = "ssam-semantic-sam"
@@ -169,6 +170,9 @@ class SemanticSam(Sam):
         # is a trained CLIP whose names lie close together (cosine 0.8-0.99), and at 14 the logits
         # of two names can differ by only a few units, so no label could be learnt with confidence.
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_MAX))
+        # the map ssam-train fitted from the IoU head's output to the IoU automatic-mode masks have
+        # (model/calibration.py); None: the raw head. Applied by the mask engine and the predictor.
+        self.iou_calibration = None
 
     def embed_images(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """Normalised, padded ``Bx3xSxS`` images -> image-encoder features ``BxCxhxw``."""
@@ -326,4 +330,8 @@ def load_model(path, device: str = "cpu") -> tuple[SemanticSam, dict]:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit a {cfg['sam_size']} model: {str(e)[:300]}") from e
+    try:  # checkpoints from before the calibration, or trained with it off, have none
+        model.iou_calibration = IouCalibration.from_dict(payload.get("iou_calibration"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return model.to(device).eval(), payload

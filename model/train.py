@@ -13,15 +13,19 @@ scheduler, RNG and data position), ``model.pt`` (the final model, what ``ssam-pr
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ssam.device import resolve_device
 from ssam.io import atomic_path
 
+from .amg import AmgSettings, MaskEngine
+from .calibration import IouCalibration, best_match_ious
 from .data import BadDataCounter, MixedSource, TarSource, prepare_example, resolve_tars
 from .label_engine import TextEmbeddingCache
 from .losses import mask_losses, named_outputs, semantic_losses
@@ -34,6 +38,8 @@ from .semantic_sam import (
     save_model,
 )
 from .train_config import TrainConfig
+
+log = logging.getLogger("ssam.train")
 
 
 def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -306,6 +312,7 @@ def fit(trainer: Trainer, resume: bool, report=None, progress: bool = True) -> P
     final = out / "model.pt"
     if lead:
         writer.close()
+        calibration = fit_iou_calibration(trainer, t.calibration_images)
         save_model(
             final,
             trainer.core,
@@ -314,9 +321,52 @@ def fit(trainer: Trainer, resume: bool, report=None, progress: bool = True) -> P
                 "train_config": trainer.cfg.model_dump(mode="json"),
                 "steps": trainer.step,
                 "predict_defaults": trainer.cfg.predict.model_dump(),
+                "iou_calibration": calibration.to_dict() if calibration else None,
             },
         )
     return final
+
+
+def fit_iou_calibration(trainer: Trainer, images: int) -> IouCalibration | None:
+    """Fit the predicted-IoU calibration (:mod:`ssam.model.calibration`) of the trained model: automatic
+    mode, with the predict section's stability threshold and no IoU threshold (the map must cover
+    every raw value), on ``images`` samples of the training data drawn afresh, each mask's raw
+    predicted IoU paired with its IoU against the sample's best-matching annotation."""
+    if images == 0:
+        return None
+    cfg = trainer.cfg
+    counter = BadDataCounter(cfg.data.max_bad_fraction)
+    sources = {}  # the training sources, in another order than training's (seed + 1000)
+    if cfg.data.shards:
+        sources["ours"] = TarSource("ours", resolve_tars(cfg.data.shards), cfg.seed + 1000, counter)
+    if cfg.data.sa1b:
+        sources["sa1b"] = TarSource("sa1b", resolve_tars(cfg.data.sa1b), cfg.seed + 1001, counter)
+    data = MixedSource(sources, cfg.data.mix, cfg.seed + 1000)
+    model = trainer.core.eval()
+    model.iou_calibration = None  # raw head (a model started from one of our checkpoints has one)
+    settings = AmgSettings(pred_iou_thresh=0.0, stability_score_thresh=cfg.predict.stability_score_thresh)
+    engine = MaskEngine(model, settings)
+    predicted, true = [], []
+    for _ in range(images):
+        sample = data.next()
+        [res] = engine.generate([sample.image])
+        predicted += [r["predicted_iou"] for r in res.records]
+        true += best_match_ious(res.records, sample.meta.get("annotations") or []).tolist()
+    model.train()
+    cal = IouCalibration.fit(np.array(predicted), np.array(true), images)
+    if cal is None:
+        log.warning(
+            "IoU calibration: automatic mode found no mask on %d training images; none written", images
+        )
+    else:
+        log.info(
+            "IoU calibration on %d masks of %d training images: mean |predicted - true IoU| %.3f raw, %.3f calibrated",
+            cal.masks,
+            images,
+            cal.error_before,
+            cal.error_after,
+        )
+    return cal
 
 
 def _ray_worker(config: dict) -> None:

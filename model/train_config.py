@@ -131,6 +131,14 @@ class TrainSection(_Section):
     score_weight: float = Field(
         1.0, ge=0, description="cosine-score MSE weight (labelled masks with embeddings)"
     )
+    calibration_images: int = Field(
+        64,
+        ge=0,
+        description=(
+            "after training, automatic mode on this many training images fits the predicted-IoU"
+            " calibration written into model.pt (0: none, the raw IoU head)"
+        ),
+    )
     device: str = Field("auto", description="auto, cpu, cuda")
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ssam.model.cli import train_main
 from ssam.model.data import DataError
-from ssam.model.semantic_sam import load_model
+from ssam.model.semantic_sam import load_model, read_checkpoint
 from ssam.model.synthetic import SHAPES, make_image, write_coco, write_shapes
 from ssam.model.train import Trainer, fit, train_with_ray
 from ssam.model.train_config import TrainConfigError, load_train_config
@@ -27,7 +27,8 @@ def shapes(tmp_path_factory):
 
 
 def cfg_for(shards, *overrides):
-    plumbing = ["train.log_every=1", "train.batch_size=2"]  # these tests check bookkeeping, not learning
+    # these tests check bookkeeping, not learning (nor the calibration after it: its own test)
+    plumbing = ["train.log_every=1", "train.batch_size=2", "train.calibration_images=0"]
     return load_train_config(SMOKE, [f'data.shards=["{shards}"]', *plumbing, *overrides])
 
 
@@ -221,6 +222,8 @@ def test_learning_on_synthetic_shapes(tmp_path, capsys):
     assert r["mean_best_match_iou"] >= 0.6  # before issue 9: no masks at all with the defaults
     assert r["label_accuracy_matched"] >= 0.8  # 3 classes: chance is 1/3
     assert r["iou_calibration_mae"] < 0.15
+    cal = read_checkpoint(tmp_path / "run/model.pt")["iou_calibration"]  # fitted on 32 training images
+    assert cal["images"] == cfg.train.calibration_images and cal["error_after"] < cal["error_before"]
     sure = r["label_score_reliability"][
         "score>=0.5"
     ]  # a label scored 0.5 or more is right at least half the time
@@ -250,6 +253,7 @@ def test_the_recipe_trains_vit_b_from_an_official_sam_checkpoint_layout(shapes, 
             "train.log_every=1",
             "data.masks_per_image=2",
             "train.device=cpu",
+            "train.calibration_images=1",  # automatic mode with vit_b on a CPU: seconds an image
         ],
     )
     assert cfg.train.freeze == ["image_encoder"]
@@ -264,6 +268,7 @@ def test_the_recipe_trains_vit_b_from_an_official_sam_checkpoint_layout(shapes, 
     assert any(k.startswith("mask_decoder.transformer.") for k in changed)
     assert any(k.startswith("mask_decoder.semantic_head.") for k in changed)
     assert payload["predict_defaults"] == {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+    assert "iou_calibration" in payload  # None when a random model's masks all fail stability 0.95
     assert all(np.isfinite(m["loss"]) and m["masks"] == 2 for m in metrics(tmp_path / "run"))
 
 

@@ -1,0 +1,124 @@
+"""Calibration of the predicted IoU: a monotone map from the IoU head's output to the IoU a mask has.
+
+SAM's IoU head is trained, per prompt, on the IoU of each of its three outputs with the *prompted*
+mask. Automatic mode asks something else: how good is this mask of whatever object it covers. A head
+trained from scratch answers that badly in two ways (docs/TRAINING.md, "IoU calibration"): all seeds
+underrate good masks, and at some seeds an output learns to segment a neighbouring object, which the
+head, rightly for its training target, scores as a miss while automatic mode keeps a good mask.
+
+So after training, ``ssam-train`` runs automatic mode on images of its own training data, pairs each
+mask's raw predicted IoU with its IoU against the best-matching annotation, and fits an isotonic
+(monotone) regression of the one on the other; ``model.pt`` records the map and every automatic or
+prompted prediction goes through it. Being monotone, it keeps the order of masks (which one NMS
+keeps); it changes what the number means: a calibrated 0.8 is a mask whose IoU is typically 0.8.
+
+The fit is the pool-adjacent-violators algorithm on the *median* of each block, not the mean: the
+error measured (mean absolute) is minimised by the median, and a block holding both junk and good
+masks is pulled towards whichever is the majority rather than left at a value neither has.
+PAV is a few lines and no installed library here has it (scikit-learn's ``IsotonicRegression``
+fits the mean), so it is written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+#: knots closer than this in raw IoU are merged (keeps the map small for tens of thousands of masks)
+KNOT_SPACING = 1e-3
+#: added per knot so that the map is strictly increasing: equal calibrated values would let NMS
+#: break ties differently from the raw scores it ranked before
+TIE_BREAK = 1e-6
+
+
+def fit_isotonic_median(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A non-decreasing step fit of ``y`` on ``x`` minimising the absolute error (PAV with block
+    medians), returned as knots ``(xs, ys)``: each block's median ``y`` at its mean ``x``."""
+    order = np.argsort(x, kind="stable")
+    x, y = np.asarray(x, float)[order], np.asarray(y, float)[order]
+    blocks: list[list] = []  # [ys of the block, sum of xs, median]
+    for xi, yi in zip(x, y, strict=True):
+        blocks.append([[yi], xi, yi])
+        while len(blocks) > 1 and blocks[-2][2] > blocks[-1][2]:
+            ys, sx, _ = blocks.pop()
+            blocks[-1][0] += ys
+            blocks[-1][1] += sx
+            blocks[-1][2] = float(np.median(blocks[-1][0]))
+    xs = np.array([b[1] / len(b[0]) for b in blocks])
+    ys = np.array([b[2] for b in blocks])
+    return xs, ys
+
+
+@dataclass
+class IouCalibration:
+    """Knots of a piecewise-linear, strictly increasing map raw -> calibrated IoU (flat outside)."""
+
+    raw: list[float]
+    calibrated: list[float]
+    masks: int = 0  # masks it was fitted on
+    images: int = 0
+    error_before: float | None = None  # mean |predicted - true IoU| on those masks, raw
+    error_after: float | None = None  # the same, calibrated
+
+    @classmethod
+    def fit(cls, predicted: np.ndarray, true: np.ndarray, images: int = 0) -> IouCalibration | None:
+        """The map fitted on paired raw predictions and true IoUs; None without any pair."""
+        predicted, true = np.asarray(predicted, float), np.asarray(true, float)
+        if len(predicted) == 0:
+            return None
+        xs, ys = fit_isotonic_median(predicted, true)
+        keep = np.r_[True, np.diff(xs) > KNOT_SPACING]  # merge near-duplicate knots (keep the first)
+        xs, ys = xs[keep], np.maximum.accumulate(ys[keep]) + TIE_BREAK * np.arange(keep.sum())
+        cal = cls([float(v) for v in xs], [float(v) for v in np.clip(ys, 0.0, 1.0)], len(predicted), images)
+        cal.error_before = float(np.abs(predicted - true).mean())
+        cal.error_after = float(np.abs(cal.apply_np(predicted) - true).mean())
+        return cal
+
+    def apply_np(self, raw: np.ndarray) -> np.ndarray:
+        return np.interp(raw, self.raw, self.calibrated)
+
+    def apply(self, raw: torch.Tensor) -> torch.Tensor:
+        """The map on a tensor of any shape, on its device (piecewise-linear between the knots)."""
+        xs = torch.tensor(self.raw, dtype=torch.float32, device=raw.device)
+        ys = torch.tensor(self.calibrated, dtype=torch.float32, device=raw.device)
+        r = raw.float()
+        if len(xs) == 1:
+            return ys.expand_as(r).clone()
+        i = torch.searchsorted(xs, r.contiguous()).clamp(1, len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        t = ((r - x0) / (x1 - x0)).clamp(0, 1)
+        return y0 + t * (y1 - y0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> IouCalibration | None:
+        if not d:
+            return None
+        raw, cal = d.get("raw"), d.get("calibrated")
+        if not raw or not cal or len(raw) != len(cal) or bool(np.any(np.diff(raw) <= 0)):
+            raise ValueError(
+                f"iou_calibration: expected increasing 'raw' knots and as many 'calibrated' ({str(d)[:200]})"
+            )
+        return cls(**d)
+
+
+def best_match_ious(records: list[dict], annotations: list[dict]) -> np.ndarray:
+    """Per predicted mask (``segmentation`` RLE), its IoU with the best-matching annotation (0 when
+    the image has none): what ``ssam-eval`` compares the predicted IoU with."""
+    if not records:
+        return np.zeros(0)
+    if not annotations:
+        return np.zeros(len(records))
+
+    def rle(seg):
+        c = seg["counts"]
+        return {"size": seg["size"], "counts": c.encode() if isinstance(c, str) else c}
+
+    dt = [rle(r["segmentation"]) for r in records]
+    gt = [rle(a["segmentation"]) for a in annotations]
+    return np.asarray(mask_utils.iou(dt, gt, [0] * len(gt))).max(1)

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+from ssam.model.amg import AmgSettings, MaskEngine
+from ssam.model.calibration import IouCalibration, best_match_ious, fit_isotonic_median
+from ssam.model.predictor import SemanticPredictor
+from ssam.model.semantic_sam import (
+    CheckpointError,
+    build_semantic_sam,
+    load_model,
+    read_checkpoint,
+    save_model,
+)
+
+PHOTO = REPO / "sample/images/chelsea.jpg"
+SMOKE_CLIP = {"name": "ssam-smoke-clip", "pretrained": None, "seed": 0, "embed_dim": 32, "smoke": True}
+
+
+def test_isotonic_median_pools_violators_into_their_median():
+    xs, ys = fit_isotonic_median(np.array([4.0, 1, 3, 2]), np.array([4.0, 1, 2, 3]))
+    # sorted by x: y = 1, 3, 2, 4 -> (3, 2) violate and pool at x 2.5 to their median 2.5
+    assert xs.tolist() == [1.0, 2.5, 4.0] and ys.tolist() == [1.0, 2.5, 4.0]
+    # a block of mostly good masks with one junk one: the median follows the majority, not the mean
+    xs, ys = fit_isotonic_median(np.array([0.1, 0.2, 0.3]), np.array([0.9, 0.9, 0.1]))
+    assert ys.tolist() == [0.9] and xs[0] == pytest.approx(0.2)  # the mean would say 0.63
+
+
+def test_a_head_that_underrates_good_masks_is_mapped_to_what_they_are():
+    """Seed 3's failure in miniature: good masks (true IoU ~0.9) predicted at 0.2-0.35, junk at
+    0-0.15; the fitted map sends each to its true level, keeps the order strictly, and round-trips."""
+    g = np.random.default_rng(0)
+    junk_p, junk_t = g.uniform(0.0, 0.15, 200), g.uniform(0.0, 0.2, 200)
+    good_p, good_t = g.uniform(0.2, 0.35, 300), g.uniform(0.85, 0.97, 300)
+    pred, true = np.r_[junk_p, good_p], np.r_[junk_t, good_t]
+    cal = IouCalibration.fit(pred, true, images=50)
+    assert cal.masks == 500 and cal.images == 50
+    assert cal.error_before > 0.4 and cal.error_after < 0.06
+    assert np.all(np.diff(cal.raw) > 0) and np.all(np.diff(cal.calibrated) > 0)  # strictly increasing
+    assert 0 <= min(cal.calibrated) and max(cal.calibrated) <= 1
+    probe = torch.tensor([[-1.0, 0.05, 0.1], [0.25, 0.3, 2.0]])
+    out = cal.apply(probe)
+    assert out.shape == probe.shape
+    assert np.allclose(out.numpy(), cal.apply_np(probe.numpy()), atol=1e-6)  # torch == numpy
+    assert out[0, 0] == pytest.approx(cal.calibrated[0]) and out[1, 2] == pytest.approx(cal.calibrated[-1])
+    assert out[0, 1] < 0.25 and out[1, 0] > 0.8  # junk stays low, good masks are lifted
+    assert IouCalibration.from_dict(cal.to_dict()) == cal
+    assert IouCalibration.from_dict(None) is None and IouCalibration.fit(np.zeros(0), np.zeros(0)) is None
+
+
+def test_a_bad_recorded_calibration_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="increasing 'raw' knots"):
+        IouCalibration.from_dict({"raw": [0.5, 0.2], "calibrated": [0.1, 0.9]})
+    path = tmp_path / "model.pt"
+    save_model(
+        path,
+        build_semantic_sam("smoke", 32),
+        SMOKE_CLIP,
+        {"iou_calibration": {"raw": [0.1], "calibrated": []}},
+    )
+    with pytest.raises(CheckpointError, match=r"model\.pt: iou_calibration"):
+        load_model(path)
+
+
+def test_best_match_iou_is_against_the_best_annotation():
+    from pycocotools import mask as mask_utils
+
+    def rle(y0, y1):
+        m = np.zeros((8, 8), np.uint8, order="F")
+        m[y0:y1] = 1
+        r = mask_utils.encode(m)
+        return {"segmentation": {"size": r["size"], "counts": r["counts"].decode()}}
+
+    preds, gts = [rle(0, 4), rle(4, 6)], [rle(0, 2), rle(0, 4), rle(4, 8)]
+    assert best_match_ious(preds, gts).tolist() == [1.0, 0.5]
+    assert best_match_ious(preds, []).tolist() == [0.0, 0.0] and len(best_match_ious([], gts)) == 0
+
+
+def test_the_engine_and_the_predictor_report_the_calibrated_iou_and_keep_the_same_masks(tmp_path):
+    """A checkpoint's map goes through load_model into automatic mode (thresholds and records) and
+    box prompts; monotone, it leaves the masks and their order as the raw head had them."""
+    image = np.asarray(Image.open(PHOTO).convert("RGB"))
+    model = build_semantic_sam("smoke", 32, seed=1)
+    cal = IouCalibration([-20.0, 0.0, 20.0], [0.05, 0.5, 0.95])  # a smooth squash of any raw value
+    path = tmp_path / "model.pt"
+    save_model(path, model, SMOKE_CLIP, {"iou_calibration": cal.to_dict()})
+    loaded, _ = load_model(path)
+    assert loaded.iou_calibration == cal
+    loose = {"points_per_side": 6, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}  # random weights
+    settings = AmgSettings(pred_iou_thresh=0.0, **loose)
+    [calibrated] = MaskEngine(loaded, settings).generate([image])
+    loaded.iou_calibration = None
+    [raw] = MaskEngine(loaded, settings).generate([image])
+    assert len(raw.records) > 3 and [r["segmentation"] for r in raw.records] == [
+        r["segmentation"] for r in calibrated.records
+    ]
+    raw_iou = np.array([r["predicted_iou"] for r in raw.records])
+    assert np.allclose([r["predicted_iou"] for r in calibrated.records], cal.apply_np(raw_iou), atol=1e-5)
+    # the threshold applies to the calibrated value: 0.5 here is a raw 0, which keeps fewer masks
+    loaded.iou_calibration = cal
+    [cut] = MaskEngine(
+        loaded, AmgSettings(points_per_side=6, pred_iou_thresh=0.5, stability_score_thresh=0.0)
+    ).generate([image])
+    kept = [r["segmentation"] for r, p in zip(raw.records, raw_iou, strict=True) if p > 1e-4]
+    assert 0 < len(cut.records) < len(raw.records)
+    assert [r["segmentation"] for r in cut.records if r["predicted_iou"] > 0.5 + 1e-5] == kept
+    # box prompts: the same mask, its IoU through the map
+    pred = SemanticPredictor(loaded)
+    pred.set_image(image)
+    boxes = np.array([[100, 50, 300, 250], [10, 10, 60, 60]], np.float32)
+    m_cal, iou_cal, _, _ = pred.predict(boxes=boxes)
+    loaded.iou_calibration = None
+    m_raw, iou_raw, _, _ = pred.predict(boxes=boxes)
+    assert np.array_equal(m_cal, m_raw) and np.allclose(iou_cal, cal.apply_np(iou_raw), atol=1e-5)
+
+
+def test_training_fits_the_calibration_on_its_own_data_and_writes_it(tmp_path):
+    from ssam.model.synthetic import write_shapes
+    from ssam.model.train import Trainer, fit
+    from ssam.model.train_config import load_train_config
+
+    write_shapes(tmp_path / "shards", images=8, per_shard=8, seed=0, emb_dim=32)
+    cfg = load_train_config(
+        REPO / "configs/train/smoke.yaml",
+        [f'data.shards=["{tmp_path / "shards"}"]', "train.max_steps=3", "train.calibration_images=4"],
+    )
+    fit(Trainer(cfg, tmp_path / "run"), resume=False, progress=False)
+    rec = read_checkpoint(tmp_path / "run/model.pt")["iou_calibration"]
+    assert rec["images"] == 4 and rec["masks"] > 0  # the smoke config's thresholds keep masks
+    assert rec["error_after"] <= rec["error_before"]
+    model, _ = load_model(tmp_path / "run/model.pt")
+    assert model.iou_calibration == IouCalibration.from_dict(rec)
+    # off: nothing recorded, the raw head
+    cfg = load_train_config(
+        REPO / "configs/train/smoke.yaml",
+        [f'data.shards=["{tmp_path / "shards"}"]', "train.max_steps=1", "train.calibration_images=0"],
+    )
+    fit(Trainer(cfg, tmp_path / "off"), resume=False, progress=False)
+    assert read_checkpoint(tmp_path / "off/model.pt")["iou_calibration"] is None
+    assert load_model(tmp_path / "off/model.pt")[0].iou_calibration is None
