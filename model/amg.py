@@ -398,7 +398,11 @@ class MaskEngine:
         prompt_job_t = torch.as_tensor(prompt_job, device=dev)
 
         parts, dim = [], 0
-        calibration = getattr(self.model, "iou_calibration", None)  # Semantic-SAM trained here
+        # Semantic-SAM trained here: its IoU calibration, applied here, or after the stability score
+        # is known when it weighs that too (then the IoU threshold waits for it as well)
+        calibration = getattr(self.model, "iou_calibration", None)
+        early = calibration if calibration is not None and not calibration.uses_stability else None
+        late = calibration if calibration is not None and calibration.uses_stability else None
         for a in range(0, len(points), s.points_per_batch):
             b = min(a + s.points_per_batch, len(points))
             first, last = int(prompt_job[a]), int(prompt_job[b - 1])
@@ -408,20 +412,20 @@ class MaskEngine:
                 out = self._decode(f, coords_t[a:b, None], labels)
             # The three multimask outputs, flattened prompt-major like the generator's.
             low, iou = out[0][:, 1:].float().flatten(0, 1), out[1][:, 1:].float().flatten()
-            if calibration is not None:  # thresholds, NMS and records see the calibrated IoU
-                iou = calibration.apply(iou)
+            if early is not None:  # thresholds, NMS and records see the calibrated IoU
+                iou = early.apply(iou)
             extras = [x[:, 1:].float().flatten(0, 1) for x in out[2:]] if self.semantic else []
             dim = extras[0].shape[-1] if extras else 0
             prompt = torch.arange(a, b, device=dev).repeat_interleave(out[0].shape[1] - 1)
             ok = torch.ones_like(iou, dtype=torch.bool)
-            if s.pred_iou_thresh > 0:  # as the generator: 0 keeps negative predictions too
+            if s.pred_iou_thresh > 0 and late is None:  # as the generator: 0 keeps negative ones too
                 ok = iou > s.pred_iou_thresh
             for j in range(first, last + 1):
                 # At most points_per_batch masks upscaled at once: a third of the generator's peak.
                 for idx in (ok & (prompt_job_t[prompt] == j)).nonzero()[:, 0].split(s.points_per_batch):
                     chunk = (low[idx], iou[idx], prompt[idx], [x[idx] for x in extras])
                     with record_function("amg.survivors"):
-                        parts.append(self._survivors(images, jobs, j, *chunk))
+                        parts.append(self._survivors(images, jobs, j, *chunk, calibration=late))
         if not parts:
             return [
                 self._image_result(im.shape[:2], [], {}, jobs, points, return_masks, dim) for im in images
@@ -438,8 +442,11 @@ class MaskEngine:
         input_hw = self.transform.get_preprocess_shape(*crop_hw, self.transform.target_length)
         return self.model.postprocess_masks(low_bhw[:, None], input_hw, crop_hw)[:, 0]
 
-    def _survivors(self, images, jobs, j, low_bhw, iou, prompt, extras) -> dict[str, torch.Tensor]:
-        """Upscale one crop's IoU survivors; keep the stable, inner, big-enough ones.
+    def _survivors(
+        self, images, jobs, j, low_bhw, iou, prompt, extras, calibration=None
+    ) -> dict[str, torch.Tensor]:
+        """Upscale one crop's IoU survivors; keep the stable, inner, big-enough ones (with a
+        ``calibration`` that weighs stability: calibrate the IoU and apply its threshold here).
 
         Only their low-res logits are kept: the few that survive NMS are upscaled once more
         for their RLEs (:meth:`_rles`), so no run lengths are computed for masks NMS drops.
@@ -449,8 +456,15 @@ class MaskEngine:
         h, w = images[i].shape[:2]
         logits = self._upscale(box, low_bhw)
         stability = calculate_stability_score(logits, thr, s.stability_score_offset)
+        keep = None
         if s.stability_score_thresh > 0:  # as the generator: a NaN score (empty mask) passes a 0 threshold
-            ok = (stability >= s.stability_score_thresh).nonzero()[:, 0]
+            keep = stability >= s.stability_score_thresh
+        if calibration is not None:
+            iou = calibration.apply(iou, stability)
+            if s.pred_iou_thresh > 0:
+                keep = iou > s.pred_iou_thresh if keep is None else keep & (iou > s.pred_iou_thresh)
+        if keep is not None:
+            ok = keep.nonzero()[:, 0]
             binary, iou, stability, prompt = (logits > thr)[ok], iou[ok], stability[ok], prompt[ok]
             low_bhw, extras = low_bhw[ok], [x[ok] for x in extras]
         else:

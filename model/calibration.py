@@ -7,10 +7,12 @@ underrate good masks, and at some seeds an output learns to segment a neighbouri
 head, rightly for its training target, scores as a miss while automatic mode keeps a good mask.
 
 So after training, ``ssam-train`` runs automatic mode on images of its own training data, pairs each
-mask's raw predicted IoU with its IoU against the best-matching annotation, and fits an isotonic
-(monotone) regression of the one on the other; ``model.pt`` records the map and every automatic or
-prompted prediction goes through it. Being monotone, it keeps the order of masks (which one NMS
-keeps); it changes what the number means: a calibrated 0.8 is a mask whose IoU is typically 0.8.
+mask's raw predicted IoU and stability score with its IoU against the best-matching annotation, and
+fits an isotonic (monotone) regression of that IoU on ``(1 - w) * predicted IoU + w * stability``,
+``w`` chosen among a few by the fit's error (a young head can rank masks worse than their
+stability does); ``model.pt`` records the map and every automatic or prompted prediction goes
+through it. A calibrated 0.8 is a mask whose IoU is typically 0.8. With ``w = 0`` the order of masks
+(which one NMS keeps) is the raw head's; with ``w > 0`` it is that of the combined score.
 
 The fit is the pool-adjacent-violators algorithm on the *median* of each block, not the mean: the
 error measured (mean absolute) is minimised by the median, and a block holding both junk and good
@@ -52,39 +54,70 @@ def fit_isotonic_median(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     return xs, ys
 
 
+#: weights of the stability score tried by :meth:`IouCalibration.fit` (0: the IoU head alone)
+STABILITY_WEIGHTS = tuple(i / 10 for i in range(11))
+
+
 @dataclass
 class IouCalibration:
-    """Knots of a piecewise-linear, strictly increasing map raw -> calibrated IoU (flat outside)."""
+    """A piecewise-linear, strictly increasing map (knots ``raw`` -> ``calibrated``, flat outside)
+    of the raw score ``(1 - w) * predicted IoU + w * stability score``, ``w = stability_weight``."""
 
     raw: list[float]
     calibrated: list[float]
+    stability_weight: float = 0.0
     masks: int = 0  # masks it was fitted on
     images: int = 0
-    error_before: float | None = None  # mean |predicted - true IoU| on those masks, raw
+    error_before: float | None = None  # mean |predicted - true IoU| on those masks, raw head
     error_after: float | None = None  # the same, calibrated
 
+    @property
+    def uses_stability(self) -> bool:
+        return self.stability_weight > 0
+
     @classmethod
-    def fit(cls, predicted: np.ndarray, true: np.ndarray, images: int = 0) -> IouCalibration | None:
-        """The map fitted on paired raw predictions and true IoUs; None without any pair."""
+    def fit(
+        cls, predicted: np.ndarray, true: np.ndarray, stability: np.ndarray | None = None, images: int = 0
+    ) -> IouCalibration | None:
+        """The map fitted on paired raw predictions and true IoUs; None without any pair.
+
+        With ``stability`` (each mask's stability score), the raw score also weighs it, at the
+        weight of :data:`STABILITY_WEIGHTS` whose map has the lowest error on these masks (the
+        IoU head alone unless another is strictly better). A young head can rank masks worse than
+        their stability does: seed 3 in docs/TRAINING.md rates good and bad masks alike.
+        """
         predicted, true = np.asarray(predicted, float), np.asarray(true, float)
         if len(predicted) == 0:
             return None
-        xs, ys = fit_isotonic_median(predicted, true)
+        best = None
+        for w in STABILITY_WEIGHTS if stability is not None else (0.0,):
+            cal = cls._fit_map(predicted, true, stability, w)
+            cal.error_after = float(np.abs(cal.apply_np(predicted, stability) - true).mean())
+            if best is None or cal.error_after < best.error_after - 1e-9:
+                best = cal
+        best.masks, best.images = len(predicted), images
+        best.error_before = float(np.abs(predicted - true).mean())
+        return best
+
+    @classmethod
+    def _fit_map(cls, predicted, true, stability, w: float) -> IouCalibration:
+        score = _score(predicted, stability, w, np)
+        xs, ys = fit_isotonic_median(score, true)
         keep = np.r_[True, np.diff(xs) > KNOT_SPACING]  # merge near-duplicate knots (keep the first)
-        xs, ys = xs[keep], np.maximum.accumulate(ys[keep]) + TIE_BREAK * np.arange(keep.sum())
-        cal = cls([float(v) for v in xs], [float(v) for v in np.clip(ys, 0.0, 1.0)], len(predicted), images)
-        cal.error_before = float(np.abs(predicted - true).mean())
-        cal.error_after = float(np.abs(cal.apply_np(predicted) - true).mean())
-        return cal
+        xs = xs[keep]
+        ys = np.clip(np.maximum.accumulate(ys[keep]), 0.0, 1.0) + TIE_BREAK * np.arange(len(xs))
+        return cls([float(v) for v in xs], [float(v) for v in ys], w)
 
-    def apply_np(self, raw: np.ndarray) -> np.ndarray:
-        return np.interp(raw, self.raw, self.calibrated)
+    def apply_np(self, predicted: np.ndarray, stability: np.ndarray | None = None) -> np.ndarray:
+        return np.interp(_score(predicted, stability, self.stability_weight, np), self.raw, self.calibrated)
 
-    def apply(self, raw: torch.Tensor) -> torch.Tensor:
-        """The map on a tensor of any shape, on its device (piecewise-linear between the knots)."""
-        xs = torch.tensor(self.raw, dtype=torch.float32, device=raw.device)
-        ys = torch.tensor(self.calibrated, dtype=torch.float32, device=raw.device)
-        r = raw.float()
+    def apply(self, predicted: torch.Tensor, stability: torch.Tensor | None = None) -> torch.Tensor:
+        """The map on tensors of any (one) shape, on their device."""
+        xs = torch.tensor(self.raw, dtype=torch.float32, device=predicted.device)
+        ys = torch.tensor(self.calibrated, dtype=torch.float32, device=predicted.device)
+        r = _score(
+            predicted.float(), None if stability is None else stability.float(), self.stability_weight, torch
+        )
         if len(xs) == 1:
             return ys.expand_as(r).clone()
         i = torch.searchsorted(xs, r.contiguous()).clamp(1, len(xs) - 1)
@@ -105,6 +138,16 @@ class IouCalibration:
                 f"iou_calibration: expected increasing 'raw' knots and as many 'calibrated' ({str(d)[:200]})"
             )
         return cls(**d)
+
+
+def _score(predicted, stability, w: float, xp):
+    """The raw score a calibration maps; ``xp`` is numpy or torch. An empty mask's stability is NaN
+    (0 / 0): it counts as 0."""
+    if w == 0:
+        return predicted
+    if stability is None:
+        raise ValueError("this IoU calibration weighs the stability score: pass each mask's stability")
+    return (1 - w) * predicted + w * xp.nan_to_num(stability, nan=0.0)
 
 
 def best_match_ious(records: list[dict], annotations: list[dict]) -> np.ndarray:

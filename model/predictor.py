@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from segment_anything.utils.amg import calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .amg import AmgSettings, MaskEngine, sam_image_features
@@ -56,14 +57,20 @@ class SemanticPredictor:
         """One mask per box (XYXY) or point (XY), image coordinates: the multimask output with the
         highest predicted IoU. Returns masks NxHxW bool, iou N, semantic NxD, score N."""
         masks, iou, sem, score = self._decode(boxes=boxes, points=points)
-        best = iou[:, 1:].argmax(1) + 1
+        best = iou[:, 1:].argmax(1) + 1  # the raw head's choice, as segment-anything's predictor
         rows = torch.arange(len(best), device=best.device)
-        if self.model.iou_calibration is not None:  # monotone: the same output is best
-            iou = self.model.iou_calibration.apply(iou)
-        up = self._upscale(masks[rows, best][:, None])[:, 0] > self.model.mask_threshold
+        logits = self._upscale(masks[rows, best][:, None])[:, 0]
+        up, iou = logits > self.model.mask_threshold, iou[rows, best].float()
+        cal = self.model.iou_calibration
+        if cal is not None:
+            stab = None
+            if cal.uses_stability:  # as automatic mode computes it
+                offset = AmgSettings().stability_score_offset
+                stab = calculate_stability_score(logits.float(), self.model.mask_threshold, offset)
+            iou = cal.apply(iou, stab)
         return (
             up.cpu().numpy(),
-            iou[rows, best].float().cpu().numpy(),  # float: numpy has no bf16 (callers' autocast)
+            iou.cpu().numpy(),  # float: numpy has no bf16 (callers' autocast)
             sem[rows, best].float().cpu().numpy(),
             score[rows, best].float().cpu().numpy(),
         )

@@ -346,23 +346,26 @@ def fit_iou_calibration(trainer: Trainer, images: int) -> IouCalibration | None:
     model.iou_calibration = None  # raw head (a model started from one of our checkpoints has one)
     settings = AmgSettings(pred_iou_thresh=0.0, stability_score_thresh=cfg.predict.stability_score_thresh)
     engine = MaskEngine(model, settings)
-    predicted, true = [], []
+    predicted, stability, true = [], [], []
     for _ in range(images):
         sample = data.next()
         [res] = engine.generate([sample.image])
         predicted += [r["predicted_iou"] for r in res.records]
+        stability += [r["stability_score"] for r in res.records]
         true += best_match_ious(res.records, sample.meta.get("annotations") or []).tolist()
     model.train()
-    cal = IouCalibration.fit(np.array(predicted), np.array(true), images)
+    cal = IouCalibration.fit(np.array(predicted), np.array(true), np.array(stability), images)
     if cal is None:
         log.warning(
             "IoU calibration: automatic mode found no mask on %d training images; none written", images
         )
     else:
         log.info(
-            "IoU calibration on %d masks of %d training images: mean |predicted - true IoU| %.3f raw, %.3f calibrated",
+            "IoU calibration on %d masks of %d training images (stability weight %.1f): "
+            "mean |predicted - true IoU| %.3f raw, %.3f calibrated",
             cal.masks,
             images,
+            cal.stability_weight,
             cal.error_before,
             cal.error_after,
         )

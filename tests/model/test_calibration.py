@@ -3,6 +3,7 @@ import pytest
 import torch
 from conftest import REPO
 from PIL import Image
+from segment_anything.utils.amg import calculate_stability_score
 
 from ssam.model.amg import AmgSettings, MaskEngine
 from ssam.model.calibration import IouCalibration, best_match_ious, fit_isotonic_median
@@ -50,6 +51,27 @@ def test_a_head_that_underrates_good_masks_is_mapped_to_what_they_are():
     assert IouCalibration.from_dict(None) is None and IouCalibration.fit(np.zeros(0), np.zeros(0)) is None
 
 
+def test_stability_is_weighed_in_when_it_ranks_masks_better_than_the_head():
+    """The head says nothing (the same spread for good and junk masks), stability separates them:
+    the fit chooses stability's weight and needs it to apply; without stability, the head alone."""
+    g = np.random.default_rng(1)
+    pred = g.uniform(0.2, 0.3, 400)
+    good = np.arange(400) % 2 == 0
+    true = np.where(good, g.uniform(0.85, 0.95, 400), g.uniform(0.0, 0.1, 400))
+    stab = np.where(good, g.uniform(0.8, 1.0, 400), g.uniform(0.0, 0.5, 400))
+    stab[1] = np.nan  # an empty mask's stability (0 / 0): taken as 0
+    head_only = IouCalibration.fit(pred, true, images=10)
+    both = IouCalibration.fit(pred, true, stab, images=10)
+    assert head_only.stability_weight == 0 and head_only.error_after > 0.3
+    assert both.stability_weight >= 0.5 and both.error_after < 0.06 and both.uses_stability
+    t = both.apply(torch.tensor(pred[:6]), torch.tensor(stab[:6]))
+    assert torch.isfinite(t).all() and np.allclose(t.numpy(), both.apply_np(pred[:6], stab[:6]), atol=1e-6)
+    with pytest.raises(ValueError, match="stability"):
+        both.apply(torch.tensor(pred))
+    # a head as good as stability: the head alone is kept (no weight without a strict gain)
+    assert IouCalibration.fit(true, true, stab).stability_weight == 0
+
+
 def test_a_bad_recorded_calibration_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="increasing 'raw' knots"):
         IouCalibration.from_dict({"raw": [0.5, 0.2], "calibrated": [0.1, 0.9]})
@@ -83,6 +105,9 @@ def test_the_engine_and_the_predictor_report_the_calibrated_iou_and_keep_the_sam
     box prompts; monotone, it leaves the masks and their order as the raw head had them."""
     image = np.asarray(Image.open(PHOTO).convert("RGB"))
     model = build_semantic_sam("smoke", 32, seed=1)
+    with torch.no_grad():  # random logits stay within +-1, where every stability is 0: sharpen them
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(300)
     cal = IouCalibration([-20.0, 0.0, 20.0], [0.05, 0.5, 0.95])  # a smooth squash of any raw value
     path = tmp_path / "model.pt"
     save_model(path, model, SMOKE_CLIP, {"iou_calibration": cal.to_dict()})
@@ -114,6 +139,31 @@ def test_the_engine_and_the_predictor_report_the_calibrated_iou_and_keep_the_sam
     loaded.iou_calibration = None
     m_raw, iou_raw, _, _ = pred.predict(boxes=boxes)
     assert np.array_equal(m_cal, m_raw) and np.allclose(iou_cal, cal.apply_np(iou_raw), atol=1e-5)
+
+    # a map of the stability score alone (weight 1, identity): automatic mode reports each mask's
+    # stability and thresholds it after upscaling; box prompts the stability of the chosen mask
+    loaded.iou_calibration = IouCalibration([0.0, 1.0], [0.0, 1.0], stability_weight=1.0)
+    [stab] = MaskEngine(loaded, settings).generate([image])
+    by_mask = {r["segmentation"]["counts"]: r for r in raw.records}
+    assert {r["segmentation"]["counts"] for r in stab.records} == set(by_mask)  # no NMS: the same masks
+    assert all(r["predicted_iou"] == pytest.approx(r["stability_score"], abs=1e-5) for r in stab.records)
+    assert len({round(r["stability_score"], 3) for r in stab.records}) > 10
+    assert all(
+        r["stability_score"] == pytest.approx(by_mask[r["segmentation"]["counts"]]["stability_score"])
+        for r in stab.records
+    )
+    cut = 0.5 * (
+        min(r["stability_score"] for r in stab.records) + max(r["stability_score"] for r in stab.records)
+    )
+    [high] = MaskEngine(loaded, AmgSettings(pred_iou_thresh=cut, **loose)).generate([image])
+    assert 0 < len(high.records) < len(stab.records) and all(r["predicted_iou"] > cut for r in high.records)
+    m_stab, iou_stab, _, _ = pred.predict(boxes=boxes)
+    with torch.inference_mode():
+        low, raw_iou = pred._decode(boxes=boxes)[:2]
+        best = raw_iou[:, 1:].argmax(1) + 1
+        logits = pred._upscale(low[torch.arange(2), best][:, None])[:, 0]
+    expected = calculate_stability_score(logits, loaded.mask_threshold, 1.0).numpy()
+    assert np.array_equal(m_stab, m_raw) and np.allclose(iou_stab, expected, atol=1e-5) and expected.max() > 0
 
 
 def test_training_fits_the_calibration_on_its_own_data_and_writes_it(tmp_path):
