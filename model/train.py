@@ -6,7 +6,8 @@
         --output /data/train/vit_b --num-workers 8 --use-gpu          # Ray Train, data-parallel
 
 Outputs in ``--output``: ``checkpoints/last.pt`` (what ``--resume`` reads: model, optimizer,
-scheduler, RNG and data position), ``model.pt`` (the final model, what ``ssam-predict`` loads),
+scheduler, RNG and data position), ``model.pt`` (the final model with its predicted-IoU
+calibration, fitted after the last step: :func:`fit_iou_calibration`; what ``ssam-predict`` loads),
 ``metrics.jsonl``, ``tb/`` (TensorBoard), ``text_embeddings.pt`` (the label cache).
 """
 
