@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
+
+from ssam.overlay import rle_ious
 
 #: knots closer than this in raw IoU are merged (keeps the map small for tens of thousands of masks)
 KNOT_SPACING = 1e-3
@@ -152,16 +153,6 @@ def _score(predicted, stability, w: float, xp):
 
 def best_match_ious(records: list[dict], annotations: list[dict]) -> np.ndarray:
     """Per predicted mask (``segmentation`` RLE), its IoU with the best-matching annotation (0 when
-    the image has none): what ``ssam-eval`` compares the predicted IoU with."""
-    if not records:
-        return np.zeros(0)
-    if not annotations:
-        return np.zeros(len(records))
-
-    def rle(seg):
-        c = seg["counts"]
-        return {"size": seg["size"], "counts": c.encode() if isinstance(c, str) else c}
-
-    dt = [rle(r["segmentation"]) for r in records]
-    gt = [rle(a["segmentation"]) for a in annotations]
-    return np.asarray(mask_utils.iou(dt, gt, [0] * len(gt))).max(1)
+    the image has none): what ``ssam-eval`` compares the predicted IoU with (``match_metrics``)."""
+    iou = rle_ious([r["segmentation"] for r in records], [a["segmentation"] for a in annotations])
+    return iou.max(1) if iou.shape[1] else np.zeros(len(records))

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from ssam.overlay import render_overlay
+from ssam.overlay import render_overlay, rle_ious
 from ssam.paths import expand_specs
 from ssam.vocab import load_vocabulary, normalize_name
 
@@ -217,11 +217,10 @@ def match_metrics(gt_rles: list[dict], gt_names: list[str], anns: list[dict], ma
     out = {"best_iou": [0.0] * len(gt_rles), "label_correct": [], "label_prob": [], "iou_error": []}
     if not anns:
         return out
-    dt = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()} for a in anns]
     if not gt_rles:
         out["iou_error"] = [abs(float(a["predicted_iou"])) for a in anns]
         return out
-    iou = np.asarray(mask_utils.iou(dt, gt_rles, [0] * len(gt_rles)))  # [predictions, GT]
+    iou = rle_ious([a["segmentation"] for a in anns], gt_rles)  # [predictions, GT]
     out["iou_error"] = [
         abs(float(a["predicted_iou"]) - float(t)) for a, t in zip(anns, iou.max(1), strict=True)
     ]

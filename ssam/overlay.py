@@ -54,6 +54,18 @@ def decode_rles(segmentations: Sequence[dict], h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rles).transpose(2, 0, 1)
 
 
+def rle_ious(dt: Sequence[dict], gt: Sequence[dict]) -> np.ndarray:
+    """``[len(dt), len(gt)]`` IoUs between two lists of one image's COCO RLEs (counts str or bytes)."""
+    if not dt or not gt:
+        return np.zeros((len(dt), len(gt)))
+
+    def coco(seg: dict) -> dict:
+        c = seg["counts"]
+        return {"size": seg["size"], "counts": c.encode() if isinstance(c, str) else c}
+
+    return np.asarray(mask_utils.iou([coco(s) for s in dt], [coco(s) for s in gt], [0] * len(gt)))
+
+
 def _outline(mask_hw: np.ndarray) -> np.ndarray:
     inner = mask_hw.copy()
     inner[1:] &= mask_hw[:-1]
