@@ -401,8 +401,8 @@ class MaskEngine:
         # Semantic-SAM trained here: its IoU calibration, applied here, or after the stability score
         # is known when it weighs that too (then the IoU threshold waits for it as well)
         calibration = getattr(self.model, "iou_calibration", None)
-        early = calibration if calibration is not None and not calibration.uses_stability else None
         late = calibration if calibration is not None and calibration.uses_stability else None
+        early = calibration if late is None else None
         for a in range(0, len(points), s.points_per_batch):
             b = min(a + s.points_per_batch, len(points))
             first, last = int(prompt_job[a]), int(prompt_job[b - 1])

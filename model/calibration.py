@@ -114,8 +114,7 @@ class IouCalibration:
 
     def apply(self, predicted: torch.Tensor, stability: torch.Tensor | None = None) -> torch.Tensor:
         """The map on tensors of any (one) shape, on their device."""
-        xs = torch.tensor(self.raw, dtype=torch.float32, device=predicted.device)
-        ys = torch.tensor(self.calibrated, dtype=torch.float32, device=predicted.device)
+        xs, ys = self._knots(predicted.device)
         r = _score(
             predicted.float(), None if stability is None else stability.float(), self.stability_weight, torch
         )
@@ -125,6 +124,16 @@ class IouCalibration:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         t = ((r - x0) / (x1 - x0)).clamp(0, 1)
         return y0 + t * (y1 - y0)
+
+    def _knots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The knots as tensors on ``device``, made once per device (not a dataclass field: neither
+        saved nor compared). The engine applies the map once per prompt batch, and a fresh copy to
+        a GPU each time would make the host wait for it."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        if device not in cache:
+            knots = torch.tensor([self.raw, self.calibrated], dtype=torch.float32)
+            cache[device] = tuple(knots.to(device))
+        return cache[device]
 
     def to_dict(self) -> dict:
         return asdict(self)
