@@ -63,6 +63,17 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def training_data(cfg: TrainConfig, counter, seed: int, mix_seed: int, rank: int = 0, world: int = 1):
+    """The config's shards and SA-1B tars as one :class:`MixedSource` (worker ``rank`` of ``world``'s
+    part); ``seed`` orders our shards, ``seed + 1`` SA-1B's, ``mix_seed`` the mixing."""
+    sources = {}
+    if cfg.data.shards:
+        sources["ours"] = TarSource("ours", resolve_tars(cfg.data.shards), seed, counter, rank, world)
+    if cfg.data.sa1b:
+        sources["sa1b"] = TarSource("sa1b", resolve_tars(cfg.data.sa1b), seed + 1, counter, rank, world)
+    return MixedSource(sources, cfg.data.mix, mix_seed)
+
+
 class Trainer:
     """One training process (or one Ray Train worker, ``rank`` of ``world``)."""
 
@@ -88,16 +99,7 @@ class Trainer:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, t.max_steps))
         self.counter = BadDataCounter(cfg.data.max_bad_fraction)
-        sources = {}
-        if cfg.data.shards:
-            sources["ours"] = TarSource(
-                "ours", resolve_tars(cfg.data.shards), cfg.seed, self.counter, rank, world
-            )
-        if cfg.data.sa1b:
-            sources["sa1b"] = TarSource(
-                "sa1b", resolve_tars(cfg.data.sa1b), cfg.seed + 1, self.counter, rank, world
-            )
-        self.data = MixedSource(sources, cfg.data.mix, cfg.seed + 7 * rank)
+        self.data = training_data(cfg, self.counter, cfg.seed, cfg.seed + 7 * rank, rank, world)
         self.rng = torch.Generator().manual_seed(cfg.seed * 31 + rank)
         self.text = TextEmbeddingCache(
             self.clip, path=self.output / "text_embeddings.pt" if rank == 0 else None
@@ -336,13 +338,8 @@ def fit_iou_calibration(trainer: Trainer, images: int) -> IouCalibration | None:
     if images == 0:
         return None
     cfg = trainer.cfg
-    counter = BadDataCounter(cfg.data.max_bad_fraction)
-    sources = {}  # the training sources, in another order than training's (seed + 1000)
-    if cfg.data.shards:
-        sources["ours"] = TarSource("ours", resolve_tars(cfg.data.shards), cfg.seed + 1000, counter)
-    if cfg.data.sa1b:
-        sources["sa1b"] = TarSource("sa1b", resolve_tars(cfg.data.sa1b), cfg.seed + 1001, counter)
-    data = MixedSource(sources, cfg.data.mix, cfg.seed + 1000)
+    # the training data, in another order than training's
+    data = training_data(cfg, BadDataCounter(cfg.data.max_bad_fraction), cfg.seed + 1000, cfg.seed + 1000)
     model = trainer.core.eval()
     model.iou_calibration = None  # raw head (a model started from one of our checkpoints has one)
     settings = AmgSettings(pred_iou_thresh=0.0, stability_score_thresh=cfg.predict.stability_score_thresh)
