@@ -55,7 +55,14 @@ else:
     loaded = load_for_prediction(str(Path(tmp) / "m.pt"), "coco", device)
     photos = sorted((Path(os.environ["REPO"]) / "sample/images").glob("*.jpg"))[: n_img + 1]
     images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
-    amg = AmgSettings(points_per_side=pps, pred_iou_thresh=0, stability_score_thresh=0, max_masks=100)
+    amg = AmgSettings(  # ssam-predict's: neither encoder nor decoder compiled
+        points_per_side=pps,
+        pred_iou_thresh=0,
+        stability_score_thresh=0,
+        max_masks=100,
+        compile_encoder=False,
+        compile_decoder=False,
+    )
     opts = PredictOptions(amg=amg)
     use_bf16 = bf16 and device == "cuda"
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)

@@ -6,7 +6,10 @@
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2 only)
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
-STEPS=${STEPS:-01245}  # step 3 (thresholds 0/0 through the whole path) only when asked
+STEPS=${STEPS:-01256}  # step 3 (thresholds 0/0 through the whole path) only when asked
+PIPE=${PIPE:-240}      # photos through the pipeline's stages in step 1 (0: skip)
+VARIANTS=${VARIANTS:-compile unshared compile_encoder bf16_encoder bf16_encoder_compile}  # step 0
+PATHS=${PATHS:-compile_clip compile_both}  # step 1: the label path again with these compiled
 step() { [[ $STEPS == *$1* ]]; }
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,17 +26,19 @@ python3 -c "import torch, ssam.model.amg, ssam.stages.masks; print('torch', torc
 # engine_vit_h_prof.txt, model.json; the console output holds the rest.
 
 # 0. where the masks engine's time goes at thresholds 0/0 (the worst case): phases, top CUDA ops,
-#    as shipped and with the mask decoder compiled
-step 0 && timeout 150 python3 "$REPO/benchmarks/profile_masks.py" --device cuda --sam vit_h --images 8 \
-    --variants plain compile --top 12 --out "$OUT/profile_vit_h.json" 2>&1 | grep -v -i warn | tail -70
+#    per engine variant (see profile_masks.py --help), and the shipped encoder's own top ops
+step 0 && timeout 200 python3 "$REPO/benchmarks/profile_masks.py" --device cuda --sam vit_h --images 8 \
+    --variants $VARIANTS --top 12 --encoder-top 15 --out "$OUT/profile_vit_h.json" 2>&1 | grep -v -i warn | tail -150
 
 # 1. vit_h + ViT-L-14, the issue's goal: the whole label path's images/s and peak memory, with the
-#    predicted-IoU threshold set so 20% of decoded masks pass (as with real weights at 0.88), the
-#    labels pair, bf16 vs fp32 mask agreement and the pipeline's stages over 240 photos; the host's
-#    profile of one more label-path pass. The reference masks engine with vit_h takes minutes.
-step 1 && timeout 190 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_h:ViT-L-14 --skip-reference-masks \
+#    predicted-IoU threshold set so 20% of decoded masks pass (as with real weights at 0.88) and 64
+#    masks per image labelled, the labels pair, bf16 vs fp32 mask agreement, the label path with
+#    $PATHS compiled, and the pipeline's stages over $PIPE photos; the host's profile of one more
+#    label-path pass. The reference masks engine with vit_h takes minutes.
+step 1 && timeout 280 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_h:ViT-L-14 --skip-reference-masks \
     --images 16 --batch 8 --batched-points-per-batch 512 --clip-batch 256 --iou-keep-share 0.2 \
-    --pipeline 240 --profile "$OUT/engine_vit_h_prof.txt" --out "$OUT/engine_vit_h.json" 2>&1 | grep -v -i warn | tail -60
+    --label-path-variants $PATHS --pipeline "$PIPE" --profile "$OUT/engine_vit_h_prof.txt" \
+    --out "$OUT/engine_vit_h.json" 2>&1 | grep -v -i warn | tail -60
 
 # 2. bf16 training throughput (batch 8) and predict latency, vit_b and vit_h (issue 9)
 step 2 && timeout 150 python3 "$REPO/benchmarks/bench_model.py" --device cuda --bf16 --sizes vit_b vit_h --train-steps 5 \
@@ -50,4 +55,4 @@ step 4 && timeout 150 python3 "$REPO/benchmarks/bench_engine.py" --device cuda -
     --out "$OUT/engine_vit_b.json" 2>&1 | grep -v -i warn | tail -40
 
 # 5. SAM's input resize: PIL on the host + upload against a pinned upload and resize on the device
-step 5 && timeout 60 python3 "$REPO/benchmarks/bench_resize.py" --device cuda --sizes 384 640 1024 2048 2>&1 | tail -6
+step 5 && timeout 40 python3 "$REPO/benchmarks/bench_resize.py" --device cuda --sizes 384 640 1024 2048 2>&1 | tail -6

@@ -51,7 +51,17 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["plain"],
-        help="engine variants, each timed and profiled on the same model: plain, compile (the decoder)",
+        help="engine variants, each timed and profiled on the same model: plain (eager), compile (the "
+        "decoder, as shipped), unshared (compiled decoder with every prompt's own copy of the image "
+        "tokens, as before model/two_way.py), compile_encoder (compiled decoder and encoder), "
+        "bf16_encoder (compiled decoder, the encoder a bf16 copy run without autocast), "
+        "bf16_encoder_compile (the same, compiled)",
+    )
+    p.add_argument(
+        "--encoder-top",
+        type=int,
+        default=0,
+        help="also profile the eager (autocast) encoder alone: its top N ops",
     )
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
@@ -70,15 +80,73 @@ def main() -> None:
             stability_score_thresh=args.stability,
             encoder_batch_size=args.encoder_batch,
             bf16=not args.no_bf16,
-            compile_decoder=variant == "compile",
+            compile_decoder=variant != "plain",
+            compile_encoder=variant == "compile_encoder",
         )
-        res, table = profile_engine(MaskEngine(sam, s), images, cuda, args.top)
+        engine = MaskEngine(sam, s)
+        if variant == "unshared":
+            engine.run_decoder = torch.compile(run_decoder_unshared) if cuda else run_decoder_unshared
+        extra = {}
+        if variant.startswith("bf16_encoder"):
+            ref = torch.cat(engine.encode(images))
+            engine.encoder = bf16_encoder(engine.model)
+            if variant.endswith("compile"):
+                engine.encoder = torch.compile(engine.encoder)
+            got = torch.cat(engine.encode(images))
+            cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1))
+            extra["feature_cosine_vs_autocast_min"] = float(cos.min())
+            extra["feature_rel_err"] = float((got - ref).norm() / ref.norm())
+        res, table = profile_engine(engine, images, cuda, args.top)
+        res.update(extra)
         res.update(variant=variant, sam=args.sam, settings=vars(args))
-        print(json.dumps(res, indent=1))
+        phases = {k: round(v["device_ms"] or v["cpu_ms"], 1) for k, v in res["phases"].items()}
+        summary = {
+            k: res[k] for k in ("variant", "s_per_image", "warm_up_s", "masks_per_image", "peak_gpu_gib")
+        }
+        print(json.dumps({**summary, "phase_ms": phases, **extra}), flush=True)
         print(table)
         all_res.append(dict(res, table=table))
+    if args.encoder_top:
+        from torch.profiler import ProfilerActivity, profile
+
+        settings = AmgSettings(
+            encoder_batch_size=args.encoder_batch, bf16=not args.no_bf16, compile_encoder=False
+        )
+        engine = MaskEngine(sam, settings)
+        engine.encode(images)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            engine.encode(images)
+            if cuda:
+                torch.cuda.synchronize()
+        sort = "device_time_total" if cuda else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=args.encoder_top)
+        print(table)
+        all_res.append({"encoder_alone": True, "table": table})
     if args.out:
         Path(args.out).write_text(json.dumps(all_res, indent=1))
+
+
+def bf16_encoder(model):
+    """A bf16 copy of the image encoder, run without autocast (residual stream and norms in bf16
+    too, as the engine's decoder runs): a candidate, measured against the shipped autocast one."""
+    import copy
+
+    enc = copy.deepcopy(model.image_encoder).to(torch.bfloat16)
+
+    def run(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return enc(x.to(torch.bfloat16))
+
+    return run
+
+
+def run_decoder_unshared(dec, features, pe, sparse, dense):
+    """The decoder as it ran before model/two_way.py: one copy of the image tokens per prompt."""
+    from ssam.model.amg import run_decoder
+
+    p = sparse.shape[0]
+    return run_decoder(dec, features.expand(p, -1, -1, -1), pe, sparse, dense.expand(p, -1, -1, -1))
 
 
 def profile_engine(engine, images, cuda: bool, top: int) -> tuple[dict, str]:
@@ -88,7 +156,7 @@ def profile_engine(engine, images, cuda: bool, top: int) -> tuple[dict, str]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    engine.generate(images[:2])  # warm-up (kernels, allocator, compiling)
+    engine.generate(images)  # warm-up (kernels, allocator, compiling: the same batch size as timed)
     sync()
     warm = time.perf_counter() - t
     t = time.perf_counter()

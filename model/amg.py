@@ -49,6 +49,7 @@ from ssam.oom import Failed, run_halving_on_oom
 from ssam.overlay import decode_rles
 
 from .sdpa import enable_sdpa
+from .two_way import image_tokens, two_way_forward
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class AmgSettings:
     max_masks: int = 256  # ours: masks kept per image, highest predicted IoU first
     encoder_batch_size: int = 4  # images or crops per image-encoder forward
     bf16: bool = True  # CUDA: encoder under bf16 autocast, mask decoder in bf16 (ignored elsewhere)
-    compile_encoder: bool = False  # torch.compile the image encoder on CUDA (ignored elsewhere)
+    compile_encoder: bool = True  # torch.compile the image encoder on CUDA (ignored elsewhere)
     compile_decoder: bool = True  # torch.compile the prompt-batched mask decoder on CUDA (ignored elsewhere)
 
     def __post_init__(self):
@@ -151,7 +152,9 @@ def sam_image_features(
 ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """Image-encoder features ``1xCxhxw`` (float32) and resized input size ``(h, w)`` of each HxWx3
     uint8 RGB image, ``batch_size`` images per forward (``encoder``: e.g. a compiled one)."""
-    size, encoder = model.image_encoder.img_size, encoder or model.image_encoder
+    # `is None`, not `or`: a compiled module has no truth value (its __len__ raises)
+    size = model.image_encoder.img_size
+    encoder = model.image_encoder if encoder is None else encoder
     out = []
     for a in range(0, len(images), batch_size):
         resized = [resize_longest_side(im, size, model.device) for im in images[a : a + batch_size]]
@@ -197,6 +200,7 @@ def decode_prompts(
         1..3 the multimask ones.
     """
     sparse, dense = model.prompt_encoder(points=(coords_pn2, labels_pn), boxes=None, masks=None)
+    dense = dense[:1]  # the no-mask embedding, the same for every prompt (P rows only as a broadcast)
     pe, dec = model.prompt_encoder.get_dense_pe(), decoder or model.mask_decoder
     dtype = dec.iou_token.weight.dtype  # each cast, as a caller's autocast may have made any of them bf16
     sparse, dense, pe, features = (x.to(dtype) for x in (sparse, dense, pe, features))
@@ -212,9 +216,8 @@ def run_decoder(dec, features, pe, sparse, dense):
     p = sparse.shape[0]
     tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight]).unsqueeze(0).expand(p, -1, -1)
     tokens = torch.cat([tokens, sparse], dim=1)
-    src = features + dense
-    b, c, h, w = src.shape
-    hs, src = dec.transformer(src, pe.expand(b, -1, -1, -1), tokens)
+    hs, src = two_way_forward(dec.transformer, image_tokens(features, dense), pe, tokens)
+    b, (c, h, w) = p, features.shape[1:]
     up = dec.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
     hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
     bu, cu, hu, wu = up.shape
@@ -333,13 +336,23 @@ class MaskEngine:
             return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_decoder)
 
     def encode(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched."""
-        return [
-            f
-            for f, _ in sam_image_features(
+        """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched; a
+        compiled encoder that fails to compile is dropped for the eager one, with a warning, once."""
+        try:
+            feats = sam_image_features(
                 self.model, images, self.s.encoder_batch_size, self.s.bf16, self.encoder
             )
-        ]
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if self.encoder is self.model.image_encoder:
+                raise
+            log.warning("torch.compile of the image encoder failed, running it eagerly: %s", str(e)[:300])
+            self.encoder = self.model.image_encoder
+            feats = sam_image_features(
+                self.model, images, self.s.encoder_batch_size, self.s.bf16, self.encoder
+            )
+        return [f for f, _ in feats]
 
     @torch.inference_mode()
     def generate(

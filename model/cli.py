@@ -55,7 +55,14 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--num-workers", type=int, default=0, metavar="N", help="train data-parallel on N Ray Train workers"
     )
-    p.add_argument("--use-gpu", action="store_true", help="with --num-workers: one GPU per worker")
+    p.add_argument("--use-gpu", action="store_true", help="with --num-workers: GPUs for the workers")
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="with --use-gpu: GPUs per worker; below 1 workers share a card (DDP over gloo)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -79,7 +86,9 @@ def train_main(argv: list[str] | None = None) -> int:
             print(SMOKE_BANNER)
         out = Path(args.output)
         if args.num_workers > 0:
-            final = train_with_ray(cfg, out, args.resume, args.num_workers, args.use_gpu)
+            final = train_with_ray(
+                cfg, out, args.resume, args.num_workers, args.use_gpu, args.gpus_per_worker
+            )
         else:
             final = fit(Trainer(cfg, out), args.resume)
     except (
@@ -112,6 +121,7 @@ def _predict_options(args):
         max_masks=args.max_masks,
         min_mask_area=args.min_mask_area,
         compile_decoder=args.compile_decoder,
+        compile_encoder=args.compile_encoder,
     )
     from_checkpoint = tuple(k for k, v in given.items() if v is None)  # a flag beats the checkpoint
     return PredictOptions(
@@ -144,6 +154,12 @@ def _add_generator_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CUDA: torch.compile the mask decoder (the pipeline's default; here off: the first image "
         "compiles for ~15 s, worth it from a few dozen images on)",
+    )
+    p.add_argument(
+        "--compile-encoder",
+        action="store_true",
+        help="CUDA: torch.compile the image encoder (the pipeline's default; here off: the first image "
+        "compiles for ~1 minute with vit_h, then it encodes x1.9 faster on an H100)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 

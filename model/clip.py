@@ -134,15 +134,18 @@ def encode_texts(bundle: ClipBundle, labels: list[str], templates=DEFAULT_TEMPLA
 
 
 @torch.no_grad()
-def encode_images(bundle: ClipBundle, pixels_bchw: torch.Tensor, bf16: bool = False) -> np.ndarray:
+def encode_images(
+    bundle: ClipBundle, pixels_bchw: torch.Tensor, bf16: bool = False, encode=None
+) -> np.ndarray:
     """L2-normalised image embeddings, float32 ``[B, D]``, of preprocessed images ``BxCxHxW``.
 
     ``bf16``: run the image tower under bfloat16 autocast (CUDA only; ignored elsewhere).
+    ``encode``: what runs it (default ``bundle.model.encode_image``; e.g. a compiled one).
     """
     param = next(bundle.model.parameters())
     autocast = bf16 and param.device.type == "cuda"
     # under autocast the pixels stay float32 (autocast casts per op); otherwise the model's own dtype
     pixels = pixels_bchw.to(param.device, dtype=torch.float32 if autocast else param.dtype)
     with torch.autocast(device_type=param.device.type, dtype=torch.bfloat16, enabled=autocast):
-        emb = bundle.model.encode_image(pixels).float()
+        emb = (bundle.model.encode_image if encode is None else encode)(pixels).float()
     return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()

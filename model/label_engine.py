@@ -375,6 +375,7 @@ def embed_mask_crops(
     batch_size: int,
     bf16: bool = False,
     mask_chunk: int = 32,
+    encode=None,
 ) -> list[np.ndarray]:
     """CLIP embeddings of every mask crop of a batch of images.
 
@@ -393,6 +394,8 @@ def embed_mask_crops(
         batch_size: crops per encoder forward (``labels.clip_batch_size``).
         bf16: bfloat16 autocast for the encoder on CUDA.
         mask_chunk: masks resampled at a time (memory bound, not a result change).
+        encode: what runs the image tower (default ``bundle.model.encode_image``; e.g. a
+            compiled one).
 
     Returns:
         Per image a float32 ``[M_i, D]`` array of L2-normalised embeddings, in annotation order
@@ -422,7 +425,7 @@ def embed_mask_crops(
         )
         for image, anns in zip(images, annotations, strict=True)
     )
-    embs = [encode_images(bundle, batch, bf16) for batch in rebatch(crops, batch_size)]
+    embs = [encode_images(bundle, batch, bf16, encode) for batch in rebatch(crops, batch_size)]
     counts = [len(a) for a in annotations]
     if not counts:
         return []

@@ -31,6 +31,7 @@ from ssam.io import atomic_path
 
 from .calibration import IouCalibration
 from .sam import build_sam_modules, get_sam_size
+from .two_way import image_tokens, two_way_forward
 
 CHECKPOINT_FORMAT = "ssam-semantic-sam"
 LOGIT_SCALE_MAX = math.log(100.0)  # the temperature exp(logit_scale) stays at most 100, as in CLIP
@@ -108,7 +109,7 @@ class SemanticMaskDecoder(MaskDecoder):
 
         Args:
             image_embeddings: ``PxCxhxw`` (one row per prompt) or ``1xCxhxw`` (shared).
-            image_pe: ``1xCxhxw``; sparse: ``PxNxC``; dense: ``PxCxhxw``.
+            image_pe: ``1xCxhxw``; sparse: ``PxNxC``; dense: ``PxCxhxw`` or ``1xCxhxw``.
 
         Returns:
             masks ``Px4xHxW`` (low-res logits), iou ``Px4``, semantic ``Px4xD`` (unit norm),
@@ -125,15 +126,8 @@ class SemanticMaskDecoder(MaskDecoder):
             dim=0,
         )
         tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
-        src = (
-            image_embeddings.expand(tokens.shape[0], -1, -1, -1)
-            if image_embeddings.shape[0] == 1
-            else image_embeddings
-        )
-        src = src + dense
-        pos = image_pe.expand(tokens.shape[0], -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = self.transformer(src, pos, tokens)  # hs: (P, tokens, C)
+        hs, src = two_way_forward(self.transformer, image_tokens(image_embeddings, dense), image_pe, tokens)
+        b, (c, h, w) = tokens.shape[0], image_embeddings.shape[1:]
         iou_out, mask_out = hs[:, 0], hs[:, 1 : 1 + k]
         sem_out, score_out = hs[:, 1 + k : 1 + 2 * k], hs[:, 1 + 2 * k]
         up = self.output_upscaling(src.transpose(1, 2).view(b, c, h, w))

@@ -342,7 +342,12 @@ def fit_iou_calibration(trainer: Trainer, images: int) -> IouCalibration | None:
     data = training_data(cfg, BadDataCounter(cfg.data.max_bad_fraction), cfg.seed + 1000, cfg.seed + 1000)
     model = trainer.core.eval()
     model.iou_calibration = None  # raw head (a model started from one of our checkpoints has one)
-    settings = AmgSettings(pred_iou_thresh=0.0, stability_score_thresh=cfg.predict.stability_score_thresh)
+    settings = AmgSettings(  # one pass over a few dozen images: compiling would not pay back
+        pred_iou_thresh=0.0,
+        stability_score_thresh=cfg.predict.stability_score_thresh,
+        compile_encoder=False,
+        compile_decoder=False,
+    )
     engine = MaskEngine(model, settings)
     predicted, stability, true = [], [], []
     for _ in range(images):
@@ -392,11 +397,43 @@ def _ray_worker(config: dict) -> None:
     fit(trainer, config["resume"], report=lambda m: ray.train.report(m), progress=False)
 
 
-def train_with_ray(cfg: TrainConfig, output: Path, resume: bool, num_workers: int, use_gpu: bool) -> Path:
+def ray_scaling(num_workers: int, use_gpu: bool, gpus_per_worker: float = 1.0):
+    """Ray Train's ``ScalingConfig`` and ``TorchConfig`` for ``num_workers`` workers.
+
+    ``gpus_per_worker`` below 1 lets workers share a GPU (two on one card at 0.5). NCCL refuses two
+    ranks on one device, so DDP then runs over gloo, which reduces CUDA tensors too; with whole
+    GPUs it is Ray's default for GPUs, NCCL.
+
+    Raises:
+        ValueError: ``gpus_per_worker`` not positive, or above 1 and not a whole number (what Ray
+            can schedule).
+    """
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    if num_workers < 1:
+        raise ValueError(f"--num-workers must be at least 1, got {num_workers}")
+    if gpus_per_worker <= 0 or (gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker)):
+        raise ValueError(f"--gpus-per-worker must be in (0, 1] or a whole number, got {gpus_per_worker}")
+    resources = {"GPU": gpus_per_worker} if use_gpu else None
+    shared = use_gpu and gpus_per_worker < 1
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    return scaling, TorchConfig(backend="gloo") if shared else TorchConfig()
+
+
+def train_with_ray(
+    cfg: TrainConfig,
+    output: Path,
+    resume: bool,
+    num_workers: int,
+    use_gpu: bool,
+    gpus_per_worker: float = 1.0,
+) -> Path:
     """Data-parallel training on Ray Train's ``TorchTrainer`` (one machine or a cluster)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
+    scaling, torch_config = ray_scaling(num_workers, use_gpu, gpus_per_worker)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={
@@ -404,7 +441,8 @@ def train_with_ray(cfg: TrainConfig, output: Path, resume: bool, num_workers: in
             "output": str(output.resolve()),
             "resume": resume,
         },
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=scaling,
+        torch_config=torch_config,
         run_config=RunConfig(name="ssam-train", storage_path=str((output / "ray").resolve())),
     )
     trainer.fit()

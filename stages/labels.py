@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from typing import Literal
 
 import numpy as np
@@ -24,6 +25,8 @@ from ssam.device import resolve_device
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 from .masks import image_from_jpeg
+
+log = logging.getLogger(__name__)
 
 
 def crop_with_background(
@@ -83,6 +86,9 @@ class LabelsConfig(Section):
         description="batched: crops cut on the device, CLIP over several images' crops; reference: PIL crops",
     )
     bf16: bool = Field(True, description="batched engine: bf16 autocast of CLIP's image tower on CUDA")
+    compile_clip: bool = Field(
+        True, description="batched engine on CUDA: torch.compile CLIP's image tower (first batches compile)"
+    )
     clip_model: str = Field("ViT-L-14", description="open_clip model name, or ssam-smoke-clip")
     clip_pretrained: str | None = Field(
         "datacomp_xl_s13b_b90k", description="open_clip pretrained tag or local file"
@@ -133,6 +139,11 @@ class LabelStage(Stage):
             clip = load_clip(cfg.clip_model, cfg.clip_pretrained, seed=seed, device=device)
         self.clip = clip
         self.provenance = clip.provenance
+        # the batched engine's image tower: compiled on CUDA when asked (Inductor fuses the bf16
+        # casts, norms and GELUs between the matmuls); None: the model's own encode_image
+        self.encode = None
+        if cfg.engine == "batched" and cfg.compile_clip and next(clip.model.parameters()).is_cuda:
+            self.encode = torch.compile(clip.model.encode_image)
         self.text = TextEmbeddingCache(clip, cfg.prompt_templates or None)
 
     def crop_embeddings(self, image: np.ndarray, anns: list[dict]) -> np.ndarray:
@@ -164,7 +175,7 @@ class LabelStage(Stage):
         from ssam.model.label_engine import embed_mask_crops
         from ssam.oom import run_halving_on_oom
 
-        def run(ix: list[int]) -> list[np.ndarray]:
+        def embed(ix: list[int]) -> list[np.ndarray]:
             return embed_mask_crops(
                 self.clip,
                 [images[i] for i in ix],
@@ -175,7 +186,22 @@ class LabelStage(Stage):
                 blur_radius=self.cfg.blur_radius,
                 batch_size=self.cfg.clip_batch_size,
                 bf16=self.cfg.bf16,
+                encode=self.encode,
             )
+
+        def run(ix: list[int]) -> list[np.ndarray]:
+            try:
+                return embed(ix)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a tower that fails to compile runs eagerly, with a warning, once
+                if self.encode is None:
+                    raise
+                log.warning(
+                    "torch.compile of CLIP's image tower failed, running it eagerly: %s", str(e)[:300]
+                )
+                self.encode = None
+                return embed(ix)
 
         return run_halving_on_oom(run, list(range(len(images))))
 

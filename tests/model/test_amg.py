@@ -310,6 +310,48 @@ def test_decode_prompts_with_per_prompt_embeddings_matches_the_mask_decoder(phot
 
 
 @pytest.mark.parametrize("kind", ["sam", "semantic"])
+def test_prompts_of_one_image_share_the_first_blocks_image_side_work(kind, photos):
+    """decode_prompts with one image embedding for many prompts (model/two_way.py: the first
+    block's image side computed once) gives segment-anything's per-prompt outputs."""
+    model = build_sam("smoke", seed=0) if kind == "sam" else build_semantic_sam("smoke", clip_dim=24, seed=0)
+    feats = MaskEngine(model).encode(photos[:1])[0]
+    coords = torch.rand(24, 1, 2, generator=torch.Generator().manual_seed(0)) * 256
+    labels = torch.ones(24, 1, dtype=torch.int)
+    with torch.no_grad():
+        got = decode_prompts(model, feats, coords, labels)
+        ref = decode_prompts(model, feats.expand(24, -1, -1, -1).contiguous(), coords, labels)
+        if kind == "sam":  # and segment-anything's own decoder, prompt by prompt
+            sparse, dense = model.prompt_encoder(points=(coords[:3], labels[:3]), boxes=None, masks=None)
+            m, q = model.mask_decoder.predict_masks(feats, model.prompt_encoder.get_dense_pe(), sparse, dense)
+            torch.testing.assert_close(got[0][:3], m, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[1][:3], q, rtol=1e-4, atol=1e-5)
+    for g, r in zip(got, ref, strict=True):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_the_shared_first_block_trains_as_segment_anythings():
+    """Training decodes each image's prompts on its one embedding: the shared path's gradients
+    are segment-anything's (the per-prompt copies' path), parameter by parameter."""
+    from ssam.model.two_way import two_way_forward
+
+    torch.manual_seed(0)
+    t = build_sam("smoke", seed=0).mask_decoder.transformer
+    src, pe, tokens = torch.randn(1, 32, 16, 16), torch.randn(1, 32, 16, 16), torch.randn(5, 7, 32)
+    grads = []
+    for shared in (True, False):
+        t.zero_grad()
+        s = src if shared else src.expand(5, -1, -1, -1)
+        hs, keys = two_way_forward(t, s, pe, tokens)
+        assert hs.shape == (5, 7, 32) and keys.shape == (5, 256, 32)
+        (hs.square().sum() + keys.tanh().sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in t.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(t.parameters()))
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["sam", "semantic"])
 def test_the_bf16_decoder_follows_the_float32_one(kind, photos):
     """The engine's CUDA decoder (a bf16 snapshot, no autocast) run here on the CPU: same dtype
     plumbing, outputs within bf16's precision of the float32 decoder, the model left in float32."""
@@ -358,6 +400,42 @@ def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog):
     engine.run_decoder = out_of_memory  # not a compile failure: the OOM halving handles it
     (failed,) = engine.generate(photos[:1])
     assert failed.failure == "gpu_oom" and engine.run_decoder is out_of_memory
+
+
+def test_an_encoder_that_fails_to_compile_runs_eagerly(photos, caplog):
+    """masks.compile_encoder (on by default, CUDA only) falls back as the decoder does; a compiled
+    module has no truth value, so the engine must not test it with `or` (it once did)."""
+    sam = build_sam("smoke", seed=0)
+    calls = []
+
+    class Broken(nn.Module):  # raises as a torch.compile'd module does when no compiler is there
+        def __len__(self):
+            raise TypeError("OptimizedModule does not support len()")
+
+        def forward(self, x):
+            calls.append(1)
+            raise RuntimeError("backend compiler failed (simulated)")
+
+    class Working(Broken):  # a compiled encoder that works: used, not tested for truth
+        def forward(self, x):
+            calls.append(0)
+            return sam.image_encoder(x)
+
+    engine = MaskEngine(sam)
+    assert engine.s.compile_encoder and engine.encoder is sam.image_encoder  # a CPU model: not compiled
+    want = engine.encode(photos[:2])
+    engine.encoder = Working()
+    with caplog.at_level("WARNING", logger="ssam.model.amg"):
+        same = engine.encode(photos[:2])
+    assert calls == [0] and isinstance(engine.encoder, Working) and "eagerly" not in caplog.text
+    calls.clear()
+    engine.encoder = Broken()
+    with caplog.at_level("WARNING", logger="ssam.model.amg"):
+        got = engine.encode(photos[:2])
+    assert calls == [1] and engine.encoder is sam.image_encoder and "running it eagerly" in caplog.text
+    for g, s_, w in zip(got, same, want, strict=True):
+        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(s_, w)
 
 
 def test_semantic_sam_extras_are_aligned_with_records(photos):

@@ -195,6 +195,23 @@ def test_two_worker_ray_train_run(shapes, tmp_path, ray_loopback):
     assert [m["step"] for m in metrics(tmp_path / "ddp")] == [1, 2, 3, 4]
 
 
+def test_ray_workers_may_share_a_gpu():
+    """--gpus-per-worker: a fraction of a GPU per worker, and then gloo, since NCCL refuses two
+    ranks on one card; whole GPUs keep Ray's default backend (NCCL on GPUs)."""
+    from ssam.model.train import ray_scaling
+
+    scaling, torch_config = ray_scaling(2, True, 0.5)
+    assert scaling.num_workers == 2 and scaling.use_gpu and scaling.resources_per_worker == {"GPU": 0.5}
+    assert torch_config.backend == "gloo"
+    scaling, torch_config = ray_scaling(4, True)
+    assert scaling.resources_per_worker in (None, {"GPU": 1.0}) and torch_config.backend != "gloo"
+    scaling, torch_config = ray_scaling(2, False, 0.5)  # CPU workers: no GPU asked for, Ray's default
+    assert scaling.resources_per_worker is None and not scaling.use_gpu and torch_config.backend != "gloo"
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="--gpus-per-worker"):
+            ray_scaling(2, True, bad)
+
+
 @pytest.mark.slow
 def test_learning_on_synthetic_shapes(tmp_path, capsys):
     """The shipped smoke config (only max_steps raised) trained on synthetic shapes: ssam-eval, with

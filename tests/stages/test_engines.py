@@ -176,6 +176,28 @@ def test_labels_oom_splits_the_batch_and_a_row_that_never_fits_fails_as_gpu_oom(
     assert failed["status"] == ["gpu_oom"] * 3 and failed["fail_stage"] == ["labels"] * 3
 
 
+def test_a_clip_tower_that_fails_to_compile_runs_eagerly(caplog):
+    """labels.compile_clip (CUDA only: off on this CPU) and its fallback: an image tower whose
+    compiled form raises is dropped for the model's own, with a warning, and the rows are the same."""
+    cfg = smoke("labels.compile_clip=true")
+    masked = MaskStage(cfg.masks, cfg.seed)(rows([imagefiles.jpeg(s) for s in (200, 260)]))
+    stage = LabelStage(cfg.labels, cfg.seed)
+    assert stage.encode is None  # a CPU model is never compiled
+    whole = stage(dict(masked))
+    calls = []
+
+    def broken(pixels):
+        calls.append(len(pixels))
+        raise RuntimeError("simulated Inductor failure")
+
+    stage.encode = broken
+    with caplog.at_level("WARNING"):
+        again = stage(dict(masked))
+    assert len(calls) == 1  # tried once, then never again
+    assert stage.encode is None and "running it eagerly" in caplog.text
+    assert again["status"] == ["ok"] * 2 and again["annotations_json"] == whole["annotations_json"]
+
+
 def test_fused_gpu_stages_give_the_same_rows_as_separate_stages():
     from ssam.pipeline.graph import _run_chain, stage_plan
     from ssam.stages.fused import MasksAndLabelsStage
