@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2 only)
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
-STEPS=${STEPS:-01256}  # step 3 (thresholds 0/0 through the whole path) only when asked
+STEPS=${STEPS:-01256}  # step 3 (thresholds 0/0 through the whole path) only when asked; 6 needs .raypack
 PIPE=${PIPE:-240}      # photos through the pipeline's stages in step 1 (0: skip)
 VARIANTS=${VARIANTS:-compile unshared compile_encoder bf16_encoder bf16_encoder_compile}  # step 0
 PATHS=${PATHS:-compile_clip compile_both}  # step 1: the label path again with these compiled
@@ -56,3 +56,7 @@ step 4 && timeout 150 python3 "$REPO/benchmarks/bench_engine.py" --device cuda -
 
 # 5. SAM's input resize: PIL on the host + upload against a pinned upload and resize on the device
 step 5 && timeout 40 python3 "$REPO/benchmarks/bench_resize.py" --device cuda --sizes 384 640 1024 2048 2>&1 | tail -6
+
+# 6. a 2-worker Ray Train run on the one GPU, two workers sharing it (issue 9; Ray travels as .raypack/,
+#    built by benchmarks/pack_ray.sh: carry .raypack)
+step 6 && (cd "$REPO" && TIMEOUT=110 EXTRA_ARGS="--gpus-per-worker 0.5" bash benchmarks/gpu_ray_train.sh 2>&1 | tail -25)
