@@ -8,8 +8,8 @@ set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
 STEPS=${STEPS:-01256}  # step 3 (thresholds 0/0 through the whole path) only when asked; 6 needs .raypack
 PIPE=${PIPE:-240}      # photos through the pipeline's stages in step 1 (0: skip)
-VARIANTS=${VARIANTS:-compile unshared compile_encoder bf16_encoder bf16_encoder_compile}  # step 0
-PATHS=${PATHS:-compile_clip compile_both}  # step 1: the label path again with these compiled
+VARIANTS=${VARIANTS:-shipped eager_encoder unshared}  # step 0 (profile_masks.py --help)
+PATHS=${PATHS:-eager}  # step 1: the label path again, compiled less (bench_engine.py --help)
 step() { [[ $STEPS == *$1* ]]; }
 mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,9 +32,9 @@ step 0 && timeout 200 python3 "$REPO/benchmarks/profile_masks.py" --device cuda 
 
 # 1. vit_h + ViT-L-14, the issue's goal: the whole label path's images/s and peak memory, with the
 #    predicted-IoU threshold set so 20% of decoded masks pass (as with real weights at 0.88) and 64
-#    masks per image labelled, the labels pair, bf16 vs fp32 mask agreement, the label path with
-#    $PATHS compiled, and the pipeline's stages over $PIPE photos; the host's profile of one more
-#    label-path pass. The reference masks engine with vit_h takes minutes.
+#    masks per image labelled, the labels pair, bf16 vs fp32 mask agreement, the label path as
+#    shipped and as $PATHS, and the pipeline's stages over $PIPE photos; the host's profile of one
+#    more label-path pass. The reference masks engine with vit_h takes minutes.
 step 1 && timeout 280 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_h:ViT-L-14 --skip-reference-masks \
     --images 16 --batch 8 --batched-points-per-batch 512 --clip-batch 256 --iou-keep-share 0.2 \
     --label-path-variants $PATHS --pipeline "$PIPE" --profile "$OUT/engine_vit_h_prof.txt" \
