@@ -8,8 +8,9 @@ block's image-to-token attention writes into them those ``P`` copies are identic
 tokens plus the no-mask embedding. So the first block's image-side work (adding the positional
 encoding, the token-to-image keys and values, the image-to-token queries) is the same for every
 prompt. :func:`two_way_forward` computes it once on ``1 x HW x C`` and broadcasts, so the
-per-prompt image tokens first exist after that attention. The result is the same computation in
-another grouping (checked against segment-anything's forward in ``tests/model/test_amg.py``).
+per-prompt image tokens first exist after that attention (for inference; training keeps
+segment-anything's forward). The result is the same computation in another grouping (checked
+against segment-anything's forward in ``tests/model/test_amg.py``).
 
 Written here because segment-anything's ``TwoWayTransformer`` has no such path; its modules and
 weights are used as they are.
@@ -82,8 +83,14 @@ def two_way_forward(
 ):
     """``transformer(src, pe, tokens)`` for P prompts, as ``TwoWayTransformer.forward``.
 
+    The shared path runs for inference (no gradient: the engine's decoder calls, thousands of
+    prompts per image). Training keeps segment-anything's own forward on ``P`` copies: it decodes a
+    few dozen prompts per image, where sharing saves little, and the smoke model's training is
+    chaotic enough that a change in the last bits of the decoder's arithmetic moves its held-out
+    figures (docs/TRAINING.md), so its arithmetic stays the one the documented runs used.
+
     Args:
-        src: ``1 x C x h x w`` (the same image tokens for every prompt: the shared path) or
+        src: ``1 x C x h x w`` (the same image tokens for every prompt: shared when inferring) or
             ``P x C x h x w`` (segment-anything's own forward, as for any other transformer module).
         pe: ``1 x C x h x w`` positional encoding.
         tokens: ``P x N x C`` prompt and output tokens.
@@ -92,8 +99,10 @@ def two_way_forward(
         The processed tokens ``P x N x C`` and image tokens ``P x HW x C``.
     """
     p = tokens.shape[0]
-    if src.shape[0] != 1 or p == 1 or not isinstance(transformer, TwoWayTransformer):
-        return transformer(src.expand(p, -1, -1, -1), pe.expand(p, -1, -1, -1), tokens)
+    shared = src.shape[0] == 1 and p > 1 and isinstance(transformer, TwoWayTransformer)
+    if not shared or torch.is_grad_enabled():
+        src = src if src.shape[0] == p else src.expand(p, -1, -1, -1).contiguous()
+        return transformer(src, pe.expand(p, -1, -1, -1), tokens)
     keys = src.flatten(2).transpose(1, 2)  # 1 x HW x C
     key_pe = pe.flatten(2).transpose(1, 2)
     queries = tokens
@@ -107,9 +116,12 @@ def two_way_forward(
 
 
 def image_tokens(features: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """The decoder's image tokens ``features + dense``, kept at one row when every prompt has the
-    same ones (one image embedding, and a dense embedding of one row or a broadcast of one, as the
-    prompt encoder's no-mask embedding is) so that :func:`two_way_forward` can share them."""
-    if features.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+    """The decoder's image tokens ``features + dense``, kept at one row when inferring and every
+    prompt has the same ones (one image embedding, and a dense embedding of one row or a broadcast
+    of one, as the prompt encoder's no-mask embedding is) so that :func:`two_way_forward` can share
+    them. With gradients it is segment-anything's sum over the prompts' rows (also its gradient's
+    summation order: the no-mask embedding is trained)."""
+    one = features.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0)
+    if one and not torch.is_grad_enabled():
         return features + dense[:1]
-    return features + dense
+    return (features.expand(dense.shape[0], -1, -1, -1) if features.shape[0] == 1 else features) + dense
