@@ -4,9 +4,14 @@
 # lacks travel as wheels in .whl/ (see benchmarks/README.md); this repo is put on PYTHONPATH as
 # the `ssam` package through a folder of links (no install step).
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2 only)
+# Measured on an H100 (2026-11-27): step 0 ~150 s (three variants, vit_h's encoder compiles ~60 s),
+# step 1 ~120-200 s, step 6 ~105 s, step 5 ~20 s, step 2 ~90 s; one call may run 10 minutes at most
+# and a machine takes ~1.5 minutes to start, so the default is what fits one call with room to spare.
+# Steps 0 and 1 also log to OUTDIR/*.log: `tail` prints only at the end, and a call cut at its
+# limit (as step 1 was on 2026-11-27) loses what a pipe still holds.
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
-STEPS=${STEPS:-01256}  # step 3 (thresholds 0/0 through the whole path) only when asked; 6 needs .raypack
+STEPS=${STEPS:-016}  # 2, 3 (thresholds 0/0 through the whole path), 4 and 5 only when asked; 6 needs .raypack
 PIPE=${PIPE:-240}      # photos through the pipeline's stages in step 1 (0: skip)
 VARIANTS=${VARIANTS:-shipped eager_encoder unshared}  # step 0 (profile_masks.py --help)
 PATHS=${PATHS:-eager}  # step 1: the label path again, compiled less (bench_engine.py --help)
@@ -22,13 +27,13 @@ cd /tmp  # the repo's own ssam/ folder would shadow the package put together in 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, ssam.model.amg, ssam.stages.masks; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 
-# At most 8 files come back from the device machine: gpu.txt, profile_vit_h.json, engine_*.json,
-# engine_vit_h_prof.txt, model.json; the console output holds the rest.
+# At most 8 files come back from the device machine: gpu.txt, profile_vit_h.{json,log},
+# engine_vit_h.{json,log}, engine_vit_h_prof.txt, model.json; the console output holds the rest.
 
 # 0. where the masks engine's time goes at thresholds 0/0 (the worst case): phases, top CUDA ops,
 #    per engine variant (see profile_masks.py --help), and the shipped encoder's own top ops
 step 0 && timeout 200 python3 "$REPO/benchmarks/profile_masks.py" --device cuda --sam vit_h --images 8 \
-    --variants $VARIANTS --top 12 --encoder-top 15 --out "$OUT/profile_vit_h.json" 2>&1 | grep -v -i warn | tail -150
+    --variants $VARIANTS --top 12 --encoder-top 15 --out "$OUT/profile_vit_h.json" 2>&1 | tee "$OUT/profile_vit_h.log" | grep -v -i warn | tail -150
 
 # 1. vit_h + ViT-L-14, the issue's goal: the whole label path's images/s and peak memory, with the
 #    predicted-IoU threshold set so 20% of decoded masks pass (as with real weights at 0.88) and 64
@@ -38,7 +43,7 @@ step 0 && timeout 200 python3 "$REPO/benchmarks/profile_masks.py" --device cuda 
 step 1 && timeout 280 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_h:ViT-L-14 --skip-reference-masks \
     --images 16 --batch 8 --batched-points-per-batch 512 --clip-batch 256 --iou-keep-share 0.2 \
     --label-path-variants $PATHS --pipeline "$PIPE" --profile "$OUT/engine_vit_h_prof.txt" \
-    --out "$OUT/engine_vit_h.json" 2>&1 | grep -v -i warn | tail -60
+    --out "$OUT/engine_vit_h.json" 2>&1 | tee "$OUT/engine_vit_h.log" | grep -v -i warn | tail -60
 
 # 2. bf16 training throughput (batch 8) and predict latency, vit_b and vit_h (issue 9)
 step 2 && timeout 150 python3 "$REPO/benchmarks/bench_model.py" --device cuda --bf16 --sizes vit_b vit_h --train-steps 5 \
