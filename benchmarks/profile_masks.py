@@ -34,6 +34,7 @@ def photos(n: int, side: int) -> list[np.ndarray]:
 
 
 def main() -> None:
+    from ssam.device import CompiledOrEager
     from ssam.model.amg import AmgSettings, MaskEngine
     from ssam.model.sam import build_sam
 
@@ -87,13 +88,13 @@ def main() -> None:
         )
         engine = MaskEngine(sam, s)
         if variant == "unshared":
-            engine.run_decoder = torch.compile(run_decoder_unshared) if cuda else run_decoder_unshared
+            engine.run_decoder = CompiledOrEager(run_decoder_unshared, cuda, "the unshared decoder")
         extra = {}
         if variant.startswith("bf16_encoder"):
             ref = torch.cat(engine.encode(images))
-            engine.encoder = bf16_encoder(engine.model)
-            if variant.endswith("compile"):
-                engine.encoder = torch.compile(engine.encoder)
+            engine.encoder = CompiledOrEager(
+                bf16_encoder(engine.model), cuda and variant.endswith("compile"), "the bf16 encoder"
+            )
             got = torch.cat(engine.encode(images))
             cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1))
             extra["feature_cosine_vs_autocast_min"] = float(cos.min())

@@ -21,7 +21,6 @@ semantic embedding and score of each mask for a Semantic-SAM, and CUDA out-of-me
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,13 +44,12 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.profiler import record_function
 from torchvision.ops import batched_nms
 
+from ssam.device import CompiledOrEager
 from ssam.oom import Failed, run_halving_on_oom
 from ssam.overlay import decode_rles
 
 from .sdpa import enable_sdpa
 from .two_way import image_tokens, two_way_forward
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -308,51 +306,29 @@ class MaskEngine:
         cuda = self.device.type == "cuda"
         if cuda:  # fused attention kernels; this model instance only (see model/sdpa.py)
             enable_sdpa(model)
-        self.encoder = (
-            torch.compile(model.image_encoder) if s.compile_encoder and cuda else model.image_encoder
-        )
+        self.encoder = CompiledOrEager(model.image_encoder, s.compile_encoder and cuda, "the image encoder")
         # The engine's decoder: a bf16 snapshot on CUDA (see bf16_decoder), else the model's own.
         self.decoder = bf16_decoder(model) if cuda and s.bf16 else model.mask_decoder
         # Compiling fuses the decoder's many elementwise passes over P x 4096 image tokens (adds of
         # positional encodings, residuals, norms, GELUs); the last chunk's other size compiles once more.
-        self.run_decoder = torch.compile(run_decoder) if s.compile_decoder and cuda else run_decoder
+        self.run_decoder = CompiledOrEager(run_decoder, s.compile_decoder and cuda, "the mask decoder")
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def _decode(self, features, coords, labels):
-        """decode_prompts with the engine's decoder; a compiled decoder that fails to compile
-        (no compiler, an unsupported op) is dropped for the eager one, with a warning, once."""
-        try:
-            return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_decoder)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            if self.run_decoder is run_decoder:
-                raise
-            log.warning("torch.compile of the mask decoder failed, running it eagerly: %s", str(e)[:300])
-            self.run_decoder = run_decoder
-            return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_decoder)
+        """decode_prompts with the engine's decoder (compiled, or eager once compiling failed)."""
+        return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_decoder)
 
     def encode(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched; a
-        compiled encoder that fails to compile is dropped for the eager one, with a warning, once."""
-        try:
-            feats = sam_image_features(
+        """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched."""
+        return [
+            f
+            for f, _ in sam_image_features(
                 self.model, images, self.s.encoder_batch_size, self.s.bf16, self.encoder
             )
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            if self.encoder is self.model.image_encoder:
-                raise
-            log.warning("torch.compile of the image encoder failed, running it eagerly: %s", str(e)[:300])
-            self.encoder = self.model.image_encoder
-            feats = sam_image_features(
-                self.model, images, self.s.encoder_batch_size, self.s.bf16, self.encoder
-            )
-        return [f for f, _ in feats]
+        ]
 
     @torch.inference_mode()
     def generate(

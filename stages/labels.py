@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from typing import Literal
 
 import numpy as np
@@ -21,12 +20,10 @@ from pycocotools import mask as mask_utils
 from pydantic import Field
 
 from ssam.configio import Section
-from ssam.device import resolve_device
+from ssam.device import CompiledOrEager, resolve_device
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 from .masks import image_from_jpeg
-
-log = logging.getLogger(__name__)
 
 
 def crop_with_background(
@@ -140,10 +137,9 @@ class LabelStage(Stage):
         self.clip = clip
         self.provenance = clip.provenance
         # the batched engine's image tower: compiled on CUDA when asked (Inductor fuses the bf16
-        # casts, norms and GELUs between the matmuls); None: the model's own encode_image
-        self.encode = None
-        if cfg.engine == "batched" and cfg.compile_clip and next(clip.model.parameters()).is_cuda:
-            self.encode = torch.compile(clip.model.encode_image)
+        # casts, norms and GELUs between the matmuls)
+        compile_clip = cfg.engine == "batched" and cfg.compile_clip and next(clip.model.parameters()).is_cuda
+        self.encode = CompiledOrEager(clip.model.encode_image, compile_clip, "CLIP's image tower")
         self.text = TextEmbeddingCache(clip, cfg.prompt_templates or None)
 
     def crop_embeddings(self, image: np.ndarray, anns: list[dict]) -> np.ndarray:
@@ -175,7 +171,7 @@ class LabelStage(Stage):
         from ssam.model.label_engine import embed_mask_crops
         from ssam.oom import run_halving_on_oom
 
-        def embed(ix: list[int]) -> list[np.ndarray]:
+        def run(ix: list[int]) -> list[np.ndarray]:
             return embed_mask_crops(
                 self.clip,
                 [images[i] for i in ix],
@@ -188,20 +184,6 @@ class LabelStage(Stage):
                 bf16=self.cfg.bf16,
                 encode=self.encode,
             )
-
-        def run(ix: list[int]) -> list[np.ndarray]:
-            try:
-                return embed(ix)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # a tower that fails to compile runs eagerly, with a warning, once
-                if self.encode is None:
-                    raise
-                log.warning(
-                    "torch.compile of CLIP's image tower failed, running it eagerly: %s", str(e)[:300]
-                )
-                self.encode = None
-                return embed(ix)
 
         return run_halving_on_oom(run, list(range(len(images))))
 

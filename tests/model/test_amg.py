@@ -31,6 +31,7 @@ from ssam.model.amg import (
     resize_image,
     resize_longest_side,
     rle_runs,
+    sam_image_features,
     take_runs,
 )
 from ssam.model.sam import build_sam
@@ -394,19 +395,19 @@ def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog):
         raise RuntimeError("backend compiler failed (simulated)")
 
     engine = MaskEngine(toy, AmgSettings(**LOCAL))
-    engine.run_decoder = broken
-    with caplog.at_level("WARNING", logger="ssam.model.amg"):
+    engine.run_decoder.fn = broken  # as if compiled
+    with caplog.at_level("WARNING", logger="ssam.device"):
         (got,) = engine.generate(photos[:1])
-    assert calls == [1] and engine.run_decoder is run_decoder
+    assert calls == [1] and engine.run_decoder.fn is run_decoder
     assert "running it eagerly" in caplog.text
     assert got.records == MaskEngine(toy, AmgSettings(**LOCAL)).generate(photos[:1])[0].records
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    engine.run_decoder = out_of_memory  # not a compile failure: the OOM halving handles it
+    engine.run_decoder.fn = out_of_memory  # not a compile failure: the OOM halving handles it
     (failed,) = engine.generate(photos[:1])
-    assert failed.failure == "gpu_oom" and engine.run_decoder is out_of_memory
+    assert failed.failure == "gpu_oom" and engine.run_decoder.fn is out_of_memory
 
 
 def test_an_encoder_that_fails_to_compile_runs_eagerly(photos, caplog):
@@ -429,20 +430,24 @@ def test_an_encoder_that_fails_to_compile_runs_eagerly(photos, caplog):
             return sam.image_encoder(x)
 
     engine = MaskEngine(sam)
-    assert engine.s.compile_encoder and engine.encoder is sam.image_encoder  # a CPU model: not compiled
+    assert engine.s.compile_encoder and engine.encoder.fn is sam.image_encoder  # a CPU model: not compiled
     want = engine.encode(photos[:2])
-    engine.encoder = Working()
-    with caplog.at_level("WARNING", logger="ssam.model.amg"):
-        same = engine.encode(photos[:2])
-    assert calls == [0] and isinstance(engine.encoder, Working) and "eagerly" not in caplog.text
+    direct = [f for f, _ in sam_image_features(sam, photos[:2], 4, True, Working())]
+    assert calls == [0]  # used, not tested for truth
     calls.clear()
-    engine.encoder = Broken()
-    with caplog.at_level("WARNING", logger="ssam.model.amg"):
+    engine.encoder.fn = Working()  # as if compiled
+    with caplog.at_level("WARNING", logger="ssam.device"):
+        same = engine.encode(photos[:2])
+    assert calls == [0] and isinstance(engine.encoder.fn, Working) and "eagerly" not in caplog.text
+    calls.clear()
+    engine.encoder.fn = Broken()
+    with caplog.at_level("WARNING", logger="ssam.device"):
         got = engine.encode(photos[:2])
-    assert calls == [1] and engine.encoder is sam.image_encoder and "running it eagerly" in caplog.text
-    for g, s_, w in zip(got, same, want, strict=True):
+    assert calls == [1] and engine.encoder.fn is sam.image_encoder and "running it eagerly" in caplog.text
+    for g, s_, d, w in zip(got, same, direct, want, strict=True):
         torch.testing.assert_close(g, w)
         torch.testing.assert_close(s_, w)
+        torch.testing.assert_close(d, w)
 
 
 def test_semantic_sam_extras_are_aligned_with_records(photos):
