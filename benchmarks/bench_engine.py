@@ -124,23 +124,20 @@ def timed(fn, device: str):
     return out, time.perf_counter() - t
 
 
-def masks_of(anns_json: str) -> list[np.ndarray]:
-    return [
-        mask_utils.decode(a["segmentation"] | {"counts": a["segmentation"]["counts"].encode()})
-        for a in json.loads(anns_json)
-    ]
+def masks_of(anns_json: str) -> list[dict]:
+    """One row's annotations' segmentations (COCO RLE, string counts)."""
+    return [a["segmentation"] for a in json.loads(anns_json)]
 
 
-def matched_share(a: list[np.ndarray], b: list[np.ndarray], thresh: float = 0.9) -> float:
+def matched_share(a: list[dict], b: list[dict], thresh: float = 0.9) -> float:
     """Share of masks in ``a`` that some mask in ``b`` matches at IoU >= thresh (1.0 when ``a`` is empty)."""
     if not a:
         return 1.0
     if not b:
         return 0.0
-    ra = [mask_utils.encode(np.asfortranarray(m)) for m in a]
-    rb = [mask_utils.encode(np.asfortranarray(m)) for m in b]
-    iou = mask_utils.iou(ra, rb, [0] * len(rb))
-    return float((np.asarray(iou).max(1) >= thresh).mean())
+    from ssam.overlay import rle_ious
+
+    return float((rle_ious(a, b).max(1) >= thresh).mean())
 
 
 def shift_iou_head(sam, jpeg: bytes, points_per_side: int, share: float, thresh: float) -> float:

@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 from torchvision.transforms.functional import resize, to_pil_image
 
 from ssam.format import decode_sample, iter_tar_samples, validate_sample
-from ssam.overlay import decode_rle
+from ssam.overlay import coco_rle, decode_rle
 from ssam.paths import expand_specs
 
 log = logging.getLogger("ssam.train")
@@ -330,7 +330,7 @@ def background_points(sample: RawSample, layout: Layout, n: int, g: torch.Genera
     on_image = torch.zeros(layout.size, layout.size, dtype=torch.bool)
     on_image[y0:y1, x0:x1] = True
     if segs:  # the union in RLE form, decoded and laid out once (not once per annotation)
-        union = mask_utils.merge([{"size": s["size"], "counts": s["counts"].encode()} for s in segs])
+        union = mask_utils.merge([coco_rle(s) for s in segs])
         on_image &= layout.mask(mask_utils.decode(union)) < 0.5
     ys, xs = torch.nonzero(on_image, as_tuple=True)
     if len(ys) == 0:

@@ -338,6 +338,8 @@ def decode_sample(raw: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray | Non
 def _validate_annotation(i: int, ann: dict[str, Any], height: int, width: int) -> list[str]:
     from pycocotools import mask as mask_utils
 
+    from .overlay import coco_rle
+
     errs = [f"annotation {i}: missing '{k}'" for k in ANNOTATION_KEYS if k not in ann]
     if errs:
         return errs
@@ -347,7 +349,7 @@ def _validate_annotation(i: int, ann: dict[str, Any], height: int, width: int) -
     if list(seg.get("size", [])) != [height, width]:
         return [f"annotation {i}: segmentation size {seg.get('size')} != image [{height}, {width}]"]
     try:
-        area = int(mask_utils.area({"size": seg["size"], "counts": seg["counts"].encode()}))
+        area = int(mask_utils.area(coco_rle(seg)))
     except Exception as e:  # pycocotools raises plain exceptions on corrupt counts
         return [f"annotation {i}: RLE counts do not decode: {e}"]
     if area != int(ann["area"]):

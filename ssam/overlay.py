@@ -23,9 +23,16 @@ def palette(n: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def coco_rle(seg: dict) -> dict:
+    """A compressed RLE as pycocotools takes it: our files keep ``counts`` as a string (JSON), its
+    C functions want bytes."""
+    c = seg["counts"]
+    return {"size": seg["size"], "counts": c.encode() if isinstance(c, str) else c}
+
+
 def decode_rle(seg: dict) -> np.ndarray:
-    """COCO RLE with string counts -> HxW bool mask."""
-    return mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+    """COCO RLE (counts str or bytes) -> HxW bool mask."""
+    return mask_utils.decode(coco_rle(seg)).astype(bool)
 
 
 def decode_rles(segmentations: Sequence[dict], h: int, w: int) -> np.ndarray:
@@ -50,7 +57,7 @@ def decode_rles(segmentations: Sequence[dict], h: int, w: int) -> np.ndarray:
         if isinstance(counts, list):  # uncompressed RLE
             rles.append(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w))
         else:
-            rles.append({"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts})
+            rles.append(coco_rle(seg))
     return mask_utils.decode(rles).transpose(2, 0, 1)
 
 
@@ -58,12 +65,7 @@ def rle_ious(dt: Sequence[dict], gt: Sequence[dict]) -> np.ndarray:
     """``[len(dt), len(gt)]`` IoUs between two lists of one image's COCO RLEs (counts str or bytes)."""
     if not dt or not gt:
         return np.zeros((len(dt), len(gt)))
-
-    def coco(seg: dict) -> dict:
-        c = seg["counts"]
-        return {"size": seg["size"], "counts": c.encode() if isinstance(c, str) else c}
-
-    return np.asarray(mask_utils.iou([coco(s) for s in dt], [coco(s) for s in gt], [0] * len(gt)))
+    return np.asarray(mask_utils.iou([coco_rle(s) for s in dt], [coco_rle(s) for s in gt], [0] * len(gt)))
 
 
 def _outline(mask_hw: np.ndarray) -> np.ndarray:

@@ -16,11 +16,11 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from pycocotools import mask as mask_utils
 from pydantic import Field
 
 from ssam.configio import Section
 from ssam.device import CompiledOrEager, resolve_device
+from ssam.overlay import decode_rle
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 from .masks import image_from_jpeg
@@ -148,8 +148,7 @@ class LabelStage(Stage):
 
         crops = []
         for ann in anns:
-            seg = ann["segmentation"]
-            mask = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+            mask = decode_rle(ann["segmentation"])
             crop = crop_with_background(
                 image,
                 mask,
