@@ -69,6 +69,7 @@ class IouCalibration:
     stability_weight: float = 0.0
     masks: int = 0  # masks it was fitted on
     images: int = 0
+    source: str = "training"  # the images': held-out, calibration_shards or training
     error_before: float | None = None  # mean |predicted - true IoU| on those masks, raw head
     error_after: float | None = None  # the same, calibrated
 
@@ -78,7 +79,12 @@ class IouCalibration:
 
     @classmethod
     def fit(
-        cls, predicted: np.ndarray, true: np.ndarray, stability: np.ndarray | None = None, images: int = 0
+        cls,
+        predicted: np.ndarray,
+        true: np.ndarray,
+        stability: np.ndarray | None = None,
+        images: int = 0,
+        source: str = "training",
     ) -> IouCalibration | None:
         """The map fitted on paired raw predictions and true IoUs; None without any pair.
 
@@ -96,7 +102,7 @@ class IouCalibration:
             cal.error_after = float(np.abs(cal.apply_np(predicted, stability) - true).mean())
             if best is None or cal.error_after < best.error_after - 1e-9:
                 best = cal
-        best.masks, best.images = len(predicted), images
+        best.masks, best.images, best.source = len(predicted), images, source
         best.error_before = float(np.abs(predicted - true).mean())
         return best
 

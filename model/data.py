@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,15 +77,23 @@ class BadDataCounter:
 
 
 class TarSource:
-    """One source's samples, forever, resumable. Worker ``rank`` of ``world`` sees its own part."""
+    """One source's samples, forever, resumable. Worker ``rank`` of ``world`` sees its own part;
+    samples named in ``exclude`` (``(tar path, key)``, see :func:`holdout_keys`) are never seen."""
 
     def __init__(
-        self, name: str, tars: list[Path], seed: int, counter: BadDataCounter, rank: int = 0, world: int = 1
+        self,
+        name: str,
+        tars: list[Path],
+        seed: int,
+        counter: BadDataCounter,
+        rank: int = 0,
+        world: int = 1,
+        exclude: frozenset[tuple[str, str]] = frozenset(),
     ):
         if not tars:
             raise DataError(f"data source '{name}' has no tar files")
         self.name, self.all_tars, self.seed, self.counter = name, tars, seed, counter
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.exclude = rank, world, exclude
         self.epoch, self.shard, self.sample = 0, 0, 0
         self._it = None
 
@@ -109,7 +118,7 @@ class TarSource:
                 try:
                     for i, raw in enumerate(iter_tar_samples(tar)):
                         if i >= skip:
-                            yield i, raw
+                            yield i, (None if (str(tar), raw.get("__key__")) in self.exclude else raw)
                 except (OSError, tarfile.TarError) as e:
                     self.counter.add_bad(f"{tar}: unreadable tar ({type(e).__name__}: {e})")
                 self.shard, self.sample = self.shard + 1, 0
@@ -120,8 +129,8 @@ class TarSource:
             self._it = self._samples()
         for i, raw in self._it:
             self.sample = i + 1
-            if len(self.all_tars) < self.world and i % self.world != self.rank:
-                continue
+            if raw is None or (len(self.all_tars) < self.world and i % self.world != self.rank):
+                continue  # held out, or another worker's
             sample = self._decode(raw)
             if sample is not None:
                 self.counter.good += 1
@@ -129,23 +138,87 @@ class TarSource:
         raise DataError(f"source {self.name} ended")  # unreachable: the generator cycles
 
     def _decode(self, raw: dict) -> RawSample | None:
-        key = raw.get("__key__", "?")
+        return decode_raw(self.name, raw, self.counter)
+
+
+def decode_raw(source: str, raw: dict, counter: BadDataCounter) -> RawSample | None:
+    """One raw tar sample of ``source`` decoded and checked (``ours`` must be labelled); a bad one
+    is counted with its key and gives None."""
+    try:
+        return _decode_or_raise(source, raw)
+    except Exception as e:  # noqa: BLE001 -- any failure of one sample is counted, not fatal
+        counter.add_bad(f"{source}:{raw.get('__key__', '?')}: {type(e).__name__}: {e}")
+        return None
+
+
+def _checked_meta(source: str, raw: dict) -> tuple[dict, np.ndarray | None]:
+    meta, emb = decode_sample(raw)
+    errs = validate_sample(meta, emb, labelled=source == "ours")
+    if errs:
+        raise ValueError(errs[0])
+    return meta, emb
+
+
+def _decode_or_raise(source: str, raw: dict) -> RawSample:
+    meta, emb = _checked_meta(source, raw)
+    jpg = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
+    image = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    if image.shape[:2] != (int(meta["image"]["height"]), int(meta["image"]["width"])):
+        raise ValueError(
+            f"image is {image.shape[1]}x{image.shape[0]}, JSON says "
+            f"{meta['image']['width']}x{meta['image']['height']}"
+        )
+    return RawSample(raw.get("__key__", "?"), image, meta, emb, source)
+
+
+HOLDOUT_SHARE = 1 / 8  # samples are held out of training only from data at least 1 / this as large
+
+
+def first_good_keys(tars: list[Path], n: int, source: str = "ours") -> list[tuple[str, str]]:
+    """``(tar path, key)`` of the first ``n`` samples of ``source`` in the tars' sorted order whose
+    JSON is valid (fewer if there are fewer; images are not decoded here). Bad samples and
+    unreadable tars are passed over; training counts them."""
+    keys: list[tuple[str, str]] = []
+    for tar in sorted(tars, key=str):
+        if len(keys) >= n:
+            break
         try:
-            meta, emb = decode_sample(raw)
-            errs = validate_sample(meta, emb, labelled=self.name == "ours")
-            if errs:
-                raise ValueError(errs[0])
-            jpg = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
-            image = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
-            if image.shape[:2] != (int(meta["image"]["height"]), int(meta["image"]["width"])):
-                raise ValueError(
-                    f"image is {image.shape[1]}x{image.shape[0]}, JSON says "
-                    f"{meta['image']['width']}x{meta['image']['height']}"
-                )
-        except Exception as e:  # noqa: BLE001 -- any failure of one sample is counted, not fatal
-            self.counter.add_bad(f"{self.name}:{key}: {type(e).__name__}: {e}")
-            return None
-        return RawSample(key, image, meta, emb, self.name)
+            for raw in iter_tar_samples(tar):
+                try:
+                    _checked_meta(source, raw)
+                except Exception:  # noqa: BLE001,S112 -- a bad sample is not picked; training counts it
+                    continue
+                keys.append((str(tar), raw.get("__key__", "?")))
+                if len(keys) >= n:
+                    break
+        except (OSError, tarfile.TarError):
+            continue
+    return keys
+
+
+def holdout_keys(tars: list[Path], n: int, source: str = "ours") -> list[tuple[str, str]]:
+    """The samples kept out of training for a fit on unseen data (the predicted-IoU calibration):
+    the first ``n`` good samples in sorted order, when there are at least ``n / HOLDOUT_SHARE``
+    (only that many are read to find out); none from smaller data. On a few hundred images
+    trained for many epochs, what holding out takes from training costs the model about what
+    the unseen fit gains (docs/TRAINING.md), so small data is fitted on training images."""
+    keys = first_good_keys(tars, math.ceil(n / HOLDOUT_SHARE), source)
+    return keys[:n] if len(keys) >= math.ceil(n / HOLDOUT_SHARE) else []
+
+
+def held_out_samples(source: str, keys: list[tuple[str, str]], counter: BadDataCounter):
+    """The samples of ``source`` that :func:`holdout_keys` named, decoded and checked as training's
+    are (a bad one is counted and skipped), in their order."""
+    wanted = set(keys)
+    for tar in dict.fromkeys(t for t, _ in keys):
+        try:
+            for raw in iter_tar_samples(tar):
+                if (tar, raw.get("__key__")) in wanted:
+                    sample = decode_raw(source, raw, counter)
+                    if sample is not None:
+                        yield sample
+        except (OSError, tarfile.TarError) as e:
+            counter.add_bad(f"{tar}: unreadable tar ({type(e).__name__}: {e})")
 
 
 class MixedSource:

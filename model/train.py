@@ -17,6 +17,7 @@ import json
 import logging
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,17 @@ from ssam.io import atomic_path
 
 from .amg import AmgSettings, MaskEngine
 from .calibration import IouCalibration, best_match_ious
-from .data import BadDataCounter, MixedSource, TarSource, prepare_example, resolve_tars
+from .data import (
+    HOLDOUT_SHARE,
+    BadDataCounter,
+    MixedSource,
+    TarSource,
+    first_good_keys,
+    held_out_samples,
+    holdout_keys,
+    prepare_example,
+    resolve_tars,
+)
 from .label_engine import TextEmbeddingCache
 from .losses import mask_losses, named_outputs, semantic_losses
 from .semantic_sam import (
@@ -63,15 +74,48 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def training_data(cfg: TrainConfig, counter, seed: int, mix_seed: int, rank: int = 0, world: int = 1):
+def training_data(
+    cfg: TrainConfig,
+    counter,
+    seed: int,
+    mix_seed: int,
+    rank: int = 0,
+    world: int = 1,
+    held_out: HeldOut | None = None,
+):
     """The config's shards and SA-1B tars as one :class:`MixedSource` (worker ``rank`` of ``world``'s
-    part); ``seed`` orders our shards, ``seed + 1`` SA-1B's, ``mix_seed`` the mixing."""
+    part); ``seed`` orders our shards, ``seed + 1`` SA-1B's, ``mix_seed`` the mixing. The samples
+    of ``held_out`` are never drawn."""
     sources = {}
-    if cfg.data.shards:
-        sources["ours"] = TarSource("ours", resolve_tars(cfg.data.shards), seed, counter, rank, world)
-    if cfg.data.sa1b:
-        sources["sa1b"] = TarSource("sa1b", resolve_tars(cfg.data.sa1b), seed + 1, counter, rank, world)
+    for name, specs, source_seed in (("ours", cfg.data.shards, seed), ("sa1b", cfg.data.sa1b, seed + 1)):
+        if specs:
+            exclude = frozenset(held_out.keys) if held_out and held_out.source == name else frozenset()
+            sources[name] = TarSource(name, resolve_tars(specs), source_seed, counter, rank, world, exclude)
     return MixedSource(sources, cfg.data.mix, mix_seed)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Samples of one training source (``ours`` or ``sa1b``) kept out of training for the IoU
+    calibration fit: ``(tar path, key)`` pairs, from :func:`holdout_keys`."""
+
+    source: str
+    keys: tuple[tuple[str, str], ...]
+
+
+def calibration_holdout(cfg: TrainConfig) -> HeldOut | None:
+    """What training leaves out for the calibration: the first ``train.calibration_images`` samples
+    of our shards (of SA-1B's when ours are not mixed in), when there are at least 8 times as
+    many (:func:`holdout_keys`). None when the calibration reads ``data.calibration_shards``, is
+    off, or ``calibration_holdout`` is false; no keys on smaller data. Every worker computes the
+    same set (it depends on the files only), and so does ``--resume``."""
+    t, d = cfg.train, cfg.data
+    if t.calibration_images == 0 or not t.calibration_holdout or d.calibration_shards:
+        return None
+    for name, specs in (("ours", d.shards), ("sa1b", d.sa1b)):
+        if specs and d.mix.get(name, 0) > 0:
+            return HeldOut(name, tuple(holdout_keys(resolve_tars(specs), t.calibration_images, name)))
+    return None
 
 
 class Trainer:
@@ -99,7 +143,10 @@ class Trainer:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t.warmup_steps, t.max_steps))
         self.counter = BadDataCounter(cfg.data.max_bad_fraction)
-        self.data = training_data(cfg, self.counter, cfg.seed, cfg.seed + 7 * rank, rank, world)
+        self.held_out = calibration_holdout(cfg)
+        self.data = training_data(
+            cfg, self.counter, cfg.seed, cfg.seed + 7 * rank, rank, world, held_out=self.held_out
+        )
         self.rng = torch.Generator().manual_seed(cfg.seed * 31 + rank)
         self.text = TextEmbeddingCache(
             self.clip, path=self.output / "text_embeddings.pt" if rank == 0 else None
@@ -330,16 +377,40 @@ def fit(trainer: Trainer, resume: bool, report=None, progress: bool = True) -> P
     return final
 
 
+def calibration_samples(trainer: Trainer, images: int):
+    """The samples the IoU calibration fits on, and what they are: ``("calibration_shards", ...)``,
+    the first ``images`` of ``data.calibration_shards``; ``("held-out", ...)``, the samples training
+    left out (:func:`calibration_holdout`); or ``("training", ...)``, ``images`` training samples
+    drawn afresh (holdout off, or data too small to hold any out)."""
+    cfg = trainer.cfg
+    counter = BadDataCounter(1.0)  # a bad sample is counted and passed over, never fatal here
+    if cfg.data.calibration_shards:
+        keys = first_good_keys(resolve_tars(cfg.data.calibration_shards), images, "calibration")
+        return "calibration_shards", held_out_samples("calibration", keys, counter)
+    held = trainer.held_out
+    if held is not None and held.keys:
+        return "held-out", held_out_samples(held.source, list(held.keys), counter)
+    if held is not None:
+        log.info(
+            "IoU calibration: fewer than %d good samples, none held out of training; fitting on"
+            " training images",
+            math.ceil(images / HOLDOUT_SHARE),
+        )
+    # the training data, in another order than training's
+    data = training_data(cfg, counter, cfg.seed + 1000, cfg.seed + 1000)
+    return "training", (data.next() for _ in range(images))
+
+
 def fit_iou_calibration(trainer: Trainer, images: int) -> IouCalibration | None:
     """Fit the predicted-IoU calibration (:mod:`ssam.model.calibration`) of the trained model: automatic
     mode, with the predict section's stability threshold and no IoU threshold (the map must cover
-    every raw value), on ``images`` samples of the training data drawn afresh, each mask's raw
-    predicted IoU paired with its IoU against the sample's best-matching annotation."""
+    every raw value), on up to ``images`` samples that :func:`calibration_samples` picks (by default
+    ones training never saw), each mask's raw predicted IoU paired with its IoU against the
+    sample's best-matching annotation."""
     if images == 0:
         return None
     cfg = trainer.cfg
-    # the training data, in another order than training's
-    data = training_data(cfg, BadDataCounter(cfg.data.max_bad_fraction), cfg.seed + 1000, cfg.seed + 1000)
+    source, samples = calibration_samples(trainer, images)
     model = trainer.core.eval()
     model.iou_calibration = None  # raw head (a model started from one of our checkpoints has one)
     settings = AmgSettings(  # one pass over a few dozen images: compiling would not pay back
@@ -350,24 +421,26 @@ def fit_iou_calibration(trainer: Trainer, images: int) -> IouCalibration | None:
     )
     engine = MaskEngine(model, settings)
     predicted, stability, true = [], [], []
-    for _ in range(images):
-        sample = data.next()
+    used = 0
+    for sample in samples:
         [res] = engine.generate([sample.image])
         predicted += [r["predicted_iou"] for r in res.records]
         stability += [r["stability_score"] for r in res.records]
         true += best_match_ious(res.records, sample.meta.get("annotations") or []).tolist()
+        used += 1
     model.train()
-    cal = IouCalibration.fit(np.array(predicted), np.array(true), np.array(stability), images)
+    cal = IouCalibration.fit(np.array(predicted), np.array(true), np.array(stability), used, source)
     if cal is None:
         log.warning(
-            "IoU calibration: automatic mode found no mask on %d training images; none written", images
+            "IoU calibration: automatic mode found no mask on %d %s images; none written", used, source
         )
     else:
         log.info(
-            "IoU calibration on %d masks of %d training images (stability weight %.1f): "
+            "IoU calibration on %d masks of %d %s images (stability weight %.1f): "
             "mean |predicted - true IoU| %.3f raw, %.3f calibrated",
             cal.masks,
-            images,
+            used,
+            source,
             cal.stability_weight,
             cal.error_before,
             cal.error_after,

@@ -49,6 +49,13 @@ class DataSection(_Section):
         [], description="our shard tars: files, folders (RUN/shards), globs; --shards overrides"
     )
     sa1b: list[str] = Field([], description="SA-1B tars (sa_*.jpg + sa_*.json), mixed in for mask quality")
+    calibration_shards: list[str] = Field(
+        [],
+        description=(
+            "tars never trained on (ours or SA-1B) for the predicted-IoU calibration fit; when set,"
+            " nothing is held out of data.shards"
+        ),
+    )
     mix: dict[str, float] = Field(
         {"ours": 4.0, "sa1b": 1.0}, description="sampling weight per source (the seed used 4:1)"
     )
@@ -135,8 +142,18 @@ class TrainSection(_Section):
         64,
         ge=0,
         description=(
-            "after training, automatic mode on this many training images fits the predicted-IoU"
-            " calibration written into model.pt (0: none, the raw IoU head)"
+            "after training, automatic mode on this many images fits the predicted-IoU calibration"
+            " written into model.pt (0: none, the raw IoU head); they are held out of training"
+            " (calibration_holdout) or read from data.calibration_shards"
+        ),
+    )
+    calibration_holdout: bool = Field(
+        True,
+        description=(
+            "keep the calibration images out of training: the first calibration_images samples of"
+            " data.shards (of data.sa1b when ours are not mixed in) in sorted order, when there are"
+            " at least 8 times as many (smaller data, or false: fit on training images, on which a"
+            " model trained for many epochs over-rates its masks)"
         ),
     )
     device: str = Field("auto", description="auto, cpu, cuda")

@@ -1,3 +1,6 @@
+import io
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -166,27 +169,70 @@ def test_the_engine_and_the_predictor_report_the_calibrated_iou_and_keep_the_sam
     assert np.array_equal(m_stab, m_raw) and np.allclose(iou_stab, expected, atol=1e-5) and expected.max() > 0
 
 
-def test_training_fits_the_calibration_on_its_own_data_and_writes_it(tmp_path):
+def test_training_fits_the_calibration_on_samples_it_never_trained_on_and_writes_it(tmp_path):
     from ssam.model.synthetic import write_shapes
     from ssam.model.train import Trainer, fit
     from ssam.model.train_config import load_train_config
 
-    write_shapes(tmp_path / "shards", images=8, per_shard=8, seed=0, emb_dim=32)
+    write_shapes(tmp_path / "shards", images=32, per_shard=8, seed=0, emb_dim=32)
+    shards = f'data.shards=["{tmp_path / "shards"}"]'
     cfg = load_train_config(
-        REPO / "configs/train/smoke.yaml",
-        [f'data.shards=["{tmp_path / "shards"}"]', "train.max_steps=3", "train.calibration_images=4"],
+        REPO / "configs/train/smoke.yaml", [shards, "train.max_steps=4", "train.calibration_images=4"]
     )
-    fit(Trainer(cfg, tmp_path / "run"), resume=False, progress=False)
+    trainer = Trainer(cfg, tmp_path / "run")
+    # held out: the first 4 samples in shard order (there are at least 8 x 4)
+    held = trainer.held_out
+    assert held.source == "ours" and [k for _, k in held.keys] == [f"000{i:06d}" for i in range(4)]
+    seen, draw = [], trainer.data.next
+    trainer.data.next = lambda: seen.append(draw()) or seen[-1]
+    fit(trainer, resume=False, progress=False)
+    # 4 steps x 8 images: every one of the 28 other samples, never a held-out one
+    assert len(seen) == 32 and {s.key for s in seen} == {f"000{i:06d}" for i in range(4, 32)}
     rec = read_checkpoint(tmp_path / "run/model.pt")["iou_calibration"]
-    assert rec["images"] == 4 and rec["masks"] > 0  # the smoke config's thresholds keep masks
+    assert (rec["source"], rec["images"]) == ("held-out", 4) and rec["masks"] > 0
     assert rec["error_after"] <= rec["error_before"]
     model, _ = load_model(tmp_path / "run/model.pt")
     assert model.iou_calibration == IouCalibration.from_dict(rec)
-    # off: nothing recorded, the raw head
+    # off: nothing recorded, the raw head, nothing held out
     cfg = load_train_config(
-        REPO / "configs/train/smoke.yaml",
-        [f'data.shards=["{tmp_path / "shards"}"]', "train.max_steps=1", "train.calibration_images=0"],
+        REPO / "configs/train/smoke.yaml", [shards, "train.max_steps=1", "train.calibration_images=0"]
     )
-    fit(Trainer(cfg, tmp_path / "off"), resume=False, progress=False)
+    trainer = Trainer(cfg, tmp_path / "off")
+    assert trainer.held_out is None
+    fit(trainer, resume=False, progress=False)
     assert read_checkpoint(tmp_path / "off/model.pt")["iou_calibration"] is None
     assert load_model(tmp_path / "off/model.pt")[0].iou_calibration is None
+
+
+def test_the_calibration_images_come_from_calibration_shards_or_training_when_asked(tmp_path):
+    from ssam.model.data import first_good_keys, holdout_keys, resolve_tars
+    from ssam.model.synthetic import write_shapes
+    from ssam.model.train import Trainer, fit_iou_calibration
+    from ssam.model.train_config import load_train_config
+
+    write_shapes(tmp_path / "shards", images=32, per_shard=8, seed=0, emb_dim=32)
+    write_shapes(tmp_path / "val", images=16, per_shard=8, seed=5, emb_dim=32)
+
+    def trainer(*sets):
+        sets = [f'data.shards=["{tmp_path / "shards"}"]', "train.calibration_images=4", *sets]
+        return Trainer(load_train_config(REPO / "configs/train/smoke.yaml", sets), tmp_path / "t")
+
+    t = trainer(f'data.calibration_shards=["{tmp_path / "val"}"]')  # a separate set: nothing held out
+    assert t.held_out is None
+    cal = fit_iou_calibration(t, 4)
+    assert (cal.source, cal.images) == ("calibration_shards", 4)
+    t = trainer("train.calibration_holdout=false")
+    assert t.held_out is None and fit_iou_calibration(t, 4).source == "training"
+    # small data: nothing is held out unless there are 8 times as many samples
+    tars = resolve_tars([str(tmp_path / "val")])
+    assert holdout_keys(tars, 4) == [] and len(holdout_keys(tars, 2)) == 2 and holdout_keys(tars[:1], 2) == []
+    t = trainer("train.calibration_images=5")  # 32 samples: 4 could be held out, 5 cannot
+    assert t.held_out.keys == () and fit_iou_calibration(t, 5).source == "training"
+    assert [k for _, k in first_good_keys(tars, 4)] == [f"005{i:06d}" for i in range(4)]
+    # a sample that breaks the format is never picked (training counts it as bad data)
+    with tarfile.open(tmp_path / "a_broken.tar", "w") as tar:
+        for name, payload in (("k1.jpg", b"\xff\xd8"), ("k1.json", b"{not json")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert first_good_keys([tmp_path / "a_broken.tar", *tars], 1) == [(str(tars[0]), "005000000")]

@@ -239,8 +239,10 @@ def test_learning_on_synthetic_shapes(tmp_path, capsys):
     assert r["mean_best_match_iou"] >= 0.6  # before issue 9: no masks at all with the defaults
     assert r["label_accuracy_matched"] >= 0.8  # 3 classes: chance is 1/3
     assert r["iou_calibration_mae"] < 0.15
-    cal = read_checkpoint(tmp_path / "run/model.pt")["iou_calibration"]  # fitted on 64 training images
-    assert cal["images"] == cfg.train.calibration_images and cal["error_after"] < cal["error_before"]
+    # 96 samples are too few to hold 64 out of training: fitted on 64 training images
+    cal = read_checkpoint(tmp_path / "run/model.pt")["iou_calibration"]
+    assert (cal["source"], cal["images"]) == ("training", cfg.train.calibration_images)
+    assert cal["error_after"] < cal["error_before"]
     sure = r["label_score_reliability"][
         "score>=0.5"
     ]  # a label scored 0.5 or more is right at least half the time
