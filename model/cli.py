@@ -8,7 +8,6 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -64,7 +63,6 @@ def train_main(argv: list[str] | None = None) -> int:
         help="with --use-gpu: GPUs per worker; below 1 workers share a card (DDP over gloo)",
     )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import json
 
@@ -72,7 +70,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from .data import DataError
     from .semantic_sam import CheckpointError
-    from .train import Trainer, fit, train_with_ray
+    from .train import Trainer, fit, show_training_log, train_with_ray
+
+    show_training_log()
     from .train_config import TrainConfigError, load_train_config
 
     overrides = list(args.overrides)

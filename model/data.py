@@ -4,6 +4,8 @@ Everything is read through :mod:`ssam.format`. Nothing is loaded whole: each sou
 its tars one sample at a time, in a shard order reshuffled every epoch from ``(seed, epoch)``.
 A source's position ``(epoch, shard, sample)`` and the mixing generator's state are part of every
 checkpoint, so a resumed run sees exactly the samples the uninterrupted run would have.
+Samples held out for the predicted-IoU calibration (:func:`holdout_keys`, picked from the files
+alone, so every worker and every resume picks the same) are skipped by ``(tar, key)``.
 
 Bad data is counted, reported with its key, and skipped: a missing or truncated tar, a JSON that
 breaks the format, an image that does not decode. More than ``data.max_bad_fraction`` of bad

@@ -448,6 +448,13 @@ def fit_iou_calibration(trainer: Trainer, images: int) -> IouCalibration | None:
     return cal
 
 
+def show_training_log() -> None:
+    """Warnings from everything, and this module's own lines (the IoU calibration's summary), on
+    stderr: what ``ssam-train`` and its Ray workers print."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+
+
 def _ray_worker(config: dict) -> None:
     """Ray Train worker: DDP over the workers, rank 0 writes checkpoints and the final model."""
     import ray.train
@@ -455,6 +462,7 @@ def _ray_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = TrainConfig.model_validate(config["cfg"])
+    show_training_log()
 
     def wrap(model):
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})

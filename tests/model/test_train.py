@@ -186,6 +186,14 @@ def test_train_cli_errors_are_clear(tmp_path, capsys):
         load_train_config(SMOKE, ["data.mix={laion: 1}"])
 
 
+def test_ssam_train_says_what_its_iou_calibration_was_fitted_on(shapes, tmp_path, caplog):
+    args = [str(SMOKE), "--shards", str(shapes), "--output", str(tmp_path), "--set", "train.max_steps=1"]
+    # 24 samples: 2 can be held out of training (8 x 2 <= 24)
+    assert train_main([*args, "--set", "train.calibration_images=2"]) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("IoU calibration on"))
+    assert " of 2 held-out images " in line and "calibrated" in line
+
+
 @pytest.mark.slow
 def test_two_worker_ray_train_run(shapes, tmp_path, ray_loopback):
     cfg = cfg_for(shapes, "train.max_steps=4", "train.checkpoint_every=2")
