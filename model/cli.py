@@ -71,9 +71,9 @@ def train_main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .semantic_sam import CheckpointError
     from .train import Trainer, fit, show_training_log, train_with_ray
+    from .train_config import TrainConfigError, load_train_config
 
     show_training_log()
-    from .train_config import TrainConfigError, load_train_config
 
     overrides = list(args.overrides)
     if args.shards:
