@@ -133,14 +133,11 @@ class TarSource:
             self.sample = i + 1
             if raw is None or (len(self.all_tars) < self.world and i % self.world != self.rank):
                 continue  # held out, or another worker's
-            sample = self._decode(raw)
+            sample = decode_raw(self.name, raw, self.counter)
             if sample is not None:
                 self.counter.good += 1
                 return sample
         raise DataError(f"source {self.name} ended")  # unreachable: the generator cycles
-
-    def _decode(self, raw: dict) -> RawSample | None:
-        return decode_raw(self.name, raw, self.counter)
 
 
 def decode_raw(source: str, raw: dict, counter: BadDataCounter) -> RawSample | None:
