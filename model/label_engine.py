@@ -6,7 +6,8 @@ by image. Here all the masks of a batch of images are handled with a few tensor 
 device:
 
 1. each image goes to the device once as uint8 (and, for ``"blur"``, is blurred once);
-2. its masks are decoded from RLE once and go to the device as uint8;
+2. its masks' RLE strings are parsed to run lengths on the host, and where the runs end goes to
+   the device, where the masks are built (``masks_from_counts``; no pixel is decoded on the host);
 3. the region the reference finally shows -- the part of the padded, clipped box that survives
    open_clip's ``Resize(shortest side) + CenterCrop`` -- is computed exactly (``center_square``)
    and ``torchvision.ops.roi_align`` resamples the image and the masks to ``S x S`` for every mask
@@ -28,7 +29,9 @@ ViT-L-14), where ``"dim"`` stayed >= 0.997.
 Written by hand here (no library has them): the replica of torchvision's Resize/CenterCrop
 geometry as a box (``center_square``), the separable Gaussian blur (torchvision's
 ``gaussian_blur`` convolves with the full 2-D kernel, ~k/2 times the work for a k-tap kernel),
-and the re-chunking of per-image crop tensors into fixed-size encoder batches (``rebatch``).
+masks built on the device from run lengths (``masks_from_counts``; pycocotools decodes only on
+the host), and the re-chunking of per-image crop tensors into fixed-size encoder batches
+(``rebatch``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import CenterCrop, Normalize, Resize
 
 from ssam.io import atomic_path
-from ssam.overlay import decode_rles
+from ssam.overlay import coco_counts
 
 from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_images, encode_texts
 
@@ -238,6 +241,32 @@ def resample_masks(masks_mhw: torch.Tensor, rois_xyxy: torch.Tensor, size: int) 
     return roi_resample(masks_mhw[:, None].float(), rois_xyxy, size, index)
 
 
+def masks_from_counts(counts: np.ndarray, lengths: np.ndarray, h: int, w: int, device) -> torch.Tensor:
+    """``M`` masks from their COCO run lengths (``ssam.overlay.coco_counts``), built on ``device``.
+
+    Only where the runs end goes to the device (a few KB), not ``M x H x W`` decoded bytes: a mask
+    has a 1 at each pixel where a run ends inside it, and the running sum of those, modulo 2, is
+    the mask (in ``uint8``, which wraps at 256 and so keeps the parity). On a CPU this takes
+    about what pycocotools' decoding does; on a GPU it is one scan over device memory, and the
+    host neither decodes nor uploads the pixels.
+
+    Returns:
+        ``[M, H, W]`` uint8 in {0, 1}, a view of a column-major (``[M, W, H]``-contiguous) buffer,
+        as pycocotools decodes.
+    """
+    m = len(lengths)
+    first = np.cumsum(lengths) - lengths
+    mask = np.repeat(np.arange(m), lengths)
+    ends = np.cumsum(counts) - np.repeat(np.cumsum(counts)[first] - counts[first], lengths)
+    inside = np.ones(len(counts), bool)
+    inside[first + lengths - 1] = False  # a mask's last run ends at h * w: nothing to toggle
+    at, times = np.unique(mask[inside] * (h * w) + ends[inside], return_counts=True)
+    buf = torch.zeros(m, h * w, dtype=torch.uint8, device=device)
+    # a zero-length run puts two ends on one pixel: they cancel
+    buf.view(-1)[torch.as_tensor(at[times % 2 == 1], device=device)] = 1
+    return torch.cumsum(buf, 1, dtype=torch.uint8).bitwise_and_(1).view(m, w, h).transpose(1, 2)
+
+
 def compose_crops(
     image_rois: torch.Tensor,
     mask_rois: torch.Tensor | None,
@@ -321,15 +350,14 @@ def image_mask_crops(
     image_rois, blurred_rois = res[:, :3], (res[:, 3:] if background == "blur" else None)
     mask_rois = None
     if background != "none":  # "none" needs no mask at all, only the box
-        masks = decode_rles([a["segmentation"] for a in anns], h, w)
-        mask_rois = torch.cat(
-            [
-                resample_masks(
-                    torch.from_numpy(masks[i : i + mask_chunk]).to(device), rois[i : i + mask_chunk], s
-                )
-                for i in range(0, m, mask_chunk)
-            ]
-        )
+        counts, lengths = coco_counts([a["segmentation"] for a in anns], h, w)
+        offsets = np.r_[0, np.cumsum(lengths)]
+        chunks = []
+        for i in range(0, m, mask_chunk):
+            j = min(i + mask_chunk, m)
+            masks = masks_from_counts(counts[offsets[i] : offsets[j]], lengths[i:j], h, w, device)
+            chunks.append(resample_masks(masks, rois[i:j], s))
+        mask_rois = torch.cat(chunks)
     crops = compose_crops(image_rois, mask_rois, background, dim, blurred_rois)
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0

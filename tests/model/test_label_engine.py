@@ -33,7 +33,7 @@ from torchvision.transforms import functional as TF
 
 from ssam.model import label_engine as le
 from ssam.model.clip import SMOKE_CLIP, encode_images, encode_texts, load_clip
-from ssam.overlay import decode_rles
+from ssam.overlay import coco_counts, decode_rles
 from ssam.stages.labels import crop_with_background
 
 PADDING, DIM, BLUR = 0.1, 0.3, 8.0
@@ -201,6 +201,39 @@ def test_decode_rles_decodes_in_order():
     torch.testing.assert_close(swapped, plain, atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
         decode_rles([to_ann(masks[0])["segmentation"]], 7, 5)
+
+
+def test_masks_built_on_the_device_from_run_lengths_are_pycocotools_masks():
+    """coco_counts parses the compressed strings (no pixel decoded) and masks_from_counts builds the
+    masks from them: pycocotools' masks, bit for bit, for masks of one run, noise (thousands of
+    runs, counts that need several 5-bit groups and negative differences), single pixels, and an
+    uncompressed RLE among compressed ones."""
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 1), (7, 5), (300, 451)]:
+        masks = [
+            np.zeros((h, w), np.uint8),
+            np.ones((h, w), np.uint8),
+            (rng.random((h, w)) < 0.5).astype(np.uint8),
+            (rng.random((h, w)) < 0.002).astype(np.uint8),
+        ]
+        masks[3][-1, -1] = 1  # a mask that ends on a 1
+        segs = [to_ann(m)["segmentation"] for m in masks] + [{"size": [h, w], "counts": [0, h * w]}]
+        counts, lengths = coco_counts(segs, h, w)
+        assert lengths[0] == 1 and lengths[1] == 2 and lengths[4] == 2  # [h*w], [0, h*w], the list
+        out = le.masks_from_counts(counts, lengths, h, w, torch.device("cpu"))
+        assert out.shape == (5, h, w) and out.transpose(1, 2).is_contiguous()
+        np.testing.assert_array_equal(out.numpy(), np.stack([*masks, np.ones((h, w), np.uint8)]))
+        np.testing.assert_array_equal(out[:4].numpy(), decode_rles(segs[:4], h, w))
+
+
+def test_run_lengths_of_a_bad_rle_name_the_mask():
+    good = to_ann(np.eye(4, dtype=np.uint8))["segmentation"]
+    with pytest.raises(ValueError, match="mask 1: size"):
+        coco_counts([good, {"size": [5, 4], "counts": good["counts"]}], 4, 4)
+    with pytest.raises(ValueError, match="mask 1: RLE counts"):
+        coco_counts([good, {"size": [4, 4], "counts": [3, 4]}], 4, 4)  # 7 pixels of 16
+    with pytest.raises(ValueError, match="mask 0: RLE counts"):
+        coco_counts([{"size": [4, 4], "counts": good["counts"][:-1]}], 4, 4)  # a truncated string
 
 
 # ---------------------------------------------------------------------------------------------
