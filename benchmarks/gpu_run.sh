@@ -5,15 +5,16 @@
 # the `ssam` package through a folder of links (no install step).
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2 only)
 # Measured on an H100 (2026-11-27): step 0 ~150 s (three variants, vit_h's encoder compiles ~60 s),
-# step 1 ~120-200 s, step 6 ~105 s, step 5 ~20 s, step 2 ~90 s; one call may run 10 minutes at most
-# and a machine takes ~1.5 minutes to start, so the default is what fits one call with room to spare.
+# step 1 ~120-200 s, step 6 ~105 s, step 5 ~20 s, step 2 ~90 s; step 7 (new) is expected to take
+# ~2 minutes. One call may run 10 minutes at most and a machine takes ~1.5 minutes to start, so the
+# default is what fits one call with room to spare.
 # Steps 0 and 1 also log to OUTDIR/*.log: `tail` prints only at the end, and a call cut at its
 # limit (as step 1 was on 2026-11-27) loses what a pipe still holds.
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
-STEPS=${STEPS:-016}  # 2, 3 (thresholds 0/0 through the whole path), 4 and 5 only when asked; 6 needs .raypack
+STEPS=${STEPS:-701}  # 2-6 only when asked (measured on 2026-11-27); 6 needs .raypack
 PIPE=${PIPE:-240}      # photos through the pipeline's stages in step 1 (0: skip)
-VARIANTS=${VARIANTS:-shipped eager_encoder unshared}  # step 0 (profile_masks.py --help)
+VARIANTS=${VARIANTS:-shipped ungated}  # step 0 (profile_masks.py --help)
 PATHS=${PATHS:-eager}  # step 1: the label path again, compiled less (bench_engine.py --help)
 step() { [[ $STEPS == *$1* ]]; }
 mkdir -p "$OUT"
@@ -27,13 +28,21 @@ cd /tmp  # the repo's own ssam/ folder would shadow the package put together in 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, ssam.model.amg, ssam.stages.masks; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 
-# At most 8 files come back from the device machine: gpu.txt, profile_vit_h.{json,log},
+# At most 8 files come back from the device machine: gpu.txt, decoder.json, profile_vit_h.{json,log},
 # engine_vit_h.{json,log}, engine_vit_h_prof.txt, model.json; the console output holds the rest.
 
-# 0. where the masks engine's time goes at thresholds 0/0 (the worst case): phases, top CUDA ops,
-#    per engine variant (see profile_masks.py --help), and the shipped encoder's own top ops
+# 7. SAM's mask decoder, 512 prompts of one image: segment-anything's predict_masks against the
+#    engine's (shared first block, folded projections), all prompts upscaled and 50% / 20% of them
+#    (the IoU gate), bf16, each compiled; ~2 minutes
+step 7 && timeout 200 python3 "$REPO/benchmarks/bench_decoder.py" --device cuda --sam vit_b --prompts 512 --compile \
+    --rounds 5 --out "$OUT/decoder.json" 2>&1 | grep -v -i warn | tail -40
+
+# 0. where the masks engine's time goes with the predicted-IoU threshold passing 20% of masks:
+#    phases, top CUDA ops, per engine variant (see profile_masks.py --help: ungated upscales every
+#    prompt's masks in the decoder)
 step 0 && timeout 200 python3 "$REPO/benchmarks/profile_masks.py" --device cuda --sam vit_h --images 8 \
-    --variants $VARIANTS --top 12 --encoder-top 15 --out "$OUT/profile_vit_h.json" 2>&1 | tee "$OUT/profile_vit_h.log" | grep -v -i warn | tail -150
+    --pred-iou 0.88 --iou-keep-share 0.2 --variants $VARIANTS --top 12 --out "$OUT/profile_vit_h.json" 2>&1 \
+    | tee "$OUT/profile_vit_h.log" | grep -v -i warn | tail -120
 
 # 1. vit_h + ViT-L-14, the goal: the whole label path's images/s and peak memory, with the
 #    predicted-IoU threshold set so 20% of decoded masks pass (as with real weights at 0.88) and 64

@@ -46,17 +46,33 @@ def main() -> None:
     p.add_argument("--points-per-batch", type=int, default=512)
     p.add_argument("--encoder-batch", type=int, default=8)
     p.add_argument("--pred-iou", type=float, default=0.0, help="0: random weights keep masks")
+    p.add_argument(
+        "--iou-keep-share",
+        type=float,
+        default=0.0,
+        help="shift the random IoU head so this share of the first image's masks pass --pred-iou "
+        "(bench_engine.py's shift_iou_head; 0: no shift)",
+    )
     p.add_argument("--stability", type=float, default=0.0)
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument(
         "--variants",
         nargs="+",
         default=["shipped"],
-        choices=["shipped", "eager", "eager_encoder", "unshared", "bf16_encoder", "bf16_encoder_compile"],
+        choices=[
+            "shipped",
+            "eager",
+            "eager_encoder",
+            "unshared",
+            "ungated",
+            "bf16_encoder",
+            "bf16_encoder_compile",
+        ],
         help="engine variants, each timed and profiled on the same model: shipped (encoder and "
         "decoder compiled on CUDA, the prompts of an image sharing the decoder's first image-side "
         "work), eager (nothing compiled), eager_encoder (only the decoder compiled), unshared "
-        "(shipped, but a copy of the image tokens per prompt, as before model/two_way.py), "
+        "(shipped, but a copy of the image tokens per prompt, as before model/two_way.py), ungated "
+        "(shipped, but every prompt's masks upscaled in the decoder, as segment-anything does), "
         "bf16_encoder (only the decoder compiled, the encoder a bf16 copy run without autocast), "
         "bf16_encoder_compile (the same, compiled)",
     )
@@ -74,6 +90,14 @@ def main() -> None:
     sam = build_sam(args.sam, seed=0).to(args.device).eval()
     images = photos(args.images, side)
     cuda = args.device.startswith("cuda")
+    if args.iou_keep_share:
+        import io
+
+        from bench_engine import shift_iou_head
+
+        buf = io.BytesIO()
+        Image.fromarray(images[0]).save(buf, "JPEG", quality=95)
+        shift_iou_head(sam, buf.getvalue(), args.points_per_side, args.iou_keep_share, args.pred_iou)
     all_res = []
     for variant in args.variants:
         s = AmgSettings(
@@ -88,7 +112,15 @@ def main() -> None:
         )
         engine = MaskEngine(sam, s)
         if variant == "unshared":
-            engine.run_decoder = CompiledOrEager(run_decoder_unshared, cuda, "the unshared decoder")
+            engine.run_tokens = CompiledOrEager(decoder_tokens_unshared, cuda, "the unshared decoder")
+        engine.gate_masks = variant != "ungated"
+        upscaled, run_masks = [], engine.run_masks.fn
+
+        def counted(dec, hs, src, hw, upscaled=upscaled, run=run_masks):  # prompts upscaled
+            upscaled.append(len(hs))
+            return run(dec, hs, src, hw)
+
+        engine.run_masks.fn = counted
         extra = {}
         if variant.startswith("bf16_encoder"):
             ref = torch.cat(engine.encode(images))
@@ -100,6 +132,8 @@ def main() -> None:
             extra["feature_cosine_vs_autocast_min"] = float(cos.min())
             extra["feature_rel_err"] = float((got - ref).norm() / ref.norm())
         res, table = profile_engine(engine, images, cuda, args.top)
+        # profile_engine generates 3 times (warm-up, timed, profiled)
+        extra["prompts_upscaled_share"] = sum(upscaled) / (3 * len(images) * args.points_per_side**2)
         res.update(extra)
         res.update(variant=variant, sam=args.sam, settings=vars(args))
         phases = {k: round(v["device_ms"] or v["cpu_ms"], 1) for k, v in res["phases"].items()}
@@ -144,12 +178,13 @@ def bf16_encoder(model):
     return run
 
 
-def run_decoder_unshared(dec, features, pe, sparse, dense):
-    """The decoder as it ran before model/two_way.py: one copy of the image tokens per prompt."""
-    from ssam.model.amg import run_decoder
+def decoder_tokens_unshared(dec, features, pe, sparse, dense):
+    """The decoder's transformer as it ran before model/two_way.py: one copy of the image tokens
+    per prompt."""
+    from ssam.model.amg import decoder_tokens
 
     p = sparse.shape[0]
-    return run_decoder(dec, features.expand(p, -1, -1, -1), pe, sparse, dense.expand(p, -1, -1, -1))
+    return decoder_tokens(dec, features.expand(p, -1, -1, -1), pe, sparse, dense.expand(p, -1, -1, -1))
 
 
 def profile_engine(engine, images, cuda: bool, top: int) -> tuple[dict, str]:

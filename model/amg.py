@@ -207,20 +207,39 @@ def decode_prompts(
 
 def run_decoder(dec, features, pe, sparse, dense):
     """The mask decoder over P prompts' embeddings: ``decode_prompts`` after the prompt encoder."""
+    hs, src, iou, score = decoder_tokens(dec, features, pe, sparse, dense)
+    masks, semantic = decoder_masks(dec, hs, src, tuple(features.shape[-2:]))
+    return masks, iou, semantic, score
+
+
+def decoder_tokens(dec, features, pe, sparse, dense):
+    """The decoder's first part, for P prompts: its transformer and the heads that read only the
+    output tokens. Returns the output tokens ``P x N x C``, image tokens ``P x hw x C``, predicted
+    IoU ``P x 4`` and, for a Semantic-SAM, predicted cosine ``P x 4`` (else None)."""
     if hasattr(dec, "predict_all"):
-        return dec.predict_all(features, pe, sparse, dense)
+        hs, src = dec.run_transformer(features, pe, sparse, dense)
+        return hs, src, *dec.scores(hs)
     # MaskDecoder.predict_masks by hand: it repeat_interleaves one image embedding per call, while
     # here each prompt brings its own (or a shared one broadcasts).
     p = sparse.shape[0]
     tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight]).unsqueeze(0).expand(p, -1, -1)
     tokens = torch.cat([tokens, sparse], dim=1)
     hs, src = two_way_forward(dec.transformer, image_tokens(features, dense), pe, tokens)
-    b, (c, h, w) = p, features.shape[1:]
-    up = dec.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+    return hs, src, dec.iou_prediction_head(hs[:, 0]), None
+
+
+def decoder_masks(dec, hs, src, hw):
+    """The decoder's second part, for the prompts of :func:`decoder_tokens`' outputs (or some of
+    them): the upscaling and the hypernetwork product (``hw``: the image embedding's size). Returns
+    low-res mask logits ``P x 4 x 4h x 4w`` and, for a Semantic-SAM, semantic embeddings ``P x 4 x D``
+    (else None)."""
+    if hasattr(dec, "predict_all"):
+        return dec.masks_and_semantic(hs, src, hw)
+    b, c = src.shape[0], src.shape[2]
+    up = dec.output_upscaling(src.transpose(1, 2).view(b, c, *hw))
     hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
     bu, cu, hu, wu = up.shape
-    masks = (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu)
-    return masks, dec.iou_prediction_head(hs[:, 0]), None, None
+    return (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu), None
 
 
 def rle_runs(masks_bhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,16 +329,23 @@ class MaskEngine:
         # The engine's decoder: a bf16 snapshot on CUDA (see bf16_decoder), else the model's own.
         self.decoder = bf16_decoder(model) if cuda and s.bf16 else model.mask_decoder
         # Compiling fuses the decoder's many elementwise passes over P x 4096 image tokens (adds of
-        # positional encodings, residuals, norms, GELUs); the last chunk's other size compiles once more.
-        self.run_decoder = CompiledOrEager(run_decoder, s.compile_decoder and cuda, "the mask decoder")
+        # positional encodings, residuals, norms, GELUs); the last chunk's other size compiles once
+        # more. Two parts: the masks part runs only for the prompts whose predicted IoU lets a mask
+        # through (its batch size varies: compiled once more, then with a dynamic batch size).
+        compile_decoder = s.compile_decoder and cuda
+        self.run_tokens = CompiledOrEager(decoder_tokens, compile_decoder, "the mask decoder's transformer")
+        self.run_masks = CompiledOrEager(decoder_masks, compile_decoder, "the mask decoder's upscaling")
+        # False: upscale every prompt's masks, as segment-anything does (benchmarks compare)
+        self.gate_masks = True
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def _decode(self, features, coords, labels):
-        """decode_prompts with the engine's decoder (compiled, or eager once compiling failed)."""
-        return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_decoder)
+        """:func:`decoder_tokens` after the prompt encoder, with the engine's decoder (compiled, or
+        eager once compiling failed): output and image tokens, predicted IoU and cosine."""
+        return decode_prompts(self.model, features, coords, labels, self.decoder, self.run_tokens)
 
     def encode(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Image-encoder features ``1xCxhxw`` (float32) of HxWx3 uint8 RGB images, batched."""
@@ -386,35 +412,57 @@ class MaskEngine:
         points, prompt_job = np.concatenate(points), np.concatenate(prompt_job)
         prompt_job_t = torch.as_tensor(prompt_job, device=dev)
 
-        parts, dim = [], 0
+        parts = []
+        dim = self.model.config.clip_dim if self.semantic else 0
         # Semantic-SAM trained here: its IoU calibration, applied here, or after the stability score
         # is known when it weighs that too (then the IoU threshold waits for it as well)
         calibration = getattr(self.model, "iou_calibration", None)
         late = calibration if calibration is not None and calibration.uses_stability else None
         early = calibration if late is None else None
+        gate = self.gate_masks and s.pred_iou_thresh > 0 and late is None
+        hw = tuple(feats_jchw.shape[-2:])
         for a in range(0, len(points), s.points_per_batch):
             b = min(a + s.points_per_batch, len(points))
             first, last = int(prompt_job[a]), int(prompt_job[b - 1])
             f = feats_jchw[first : first + 1] if first == last else feats_jchw[prompt_job_t[a:b]]
             labels = torch.ones(b - a, 1, dtype=torch.int, device=dev)
             with record_function("amg.decode"):  # no autocast: the decoder has its own dtype
-                out = self._decode(f, coords_t[a:b, None], labels)
+                hs, src, iou, score = self._decode(f, coords_t[a:b, None], labels)
             # The three multimask outputs, flattened prompt-major like the generator's.
-            low, iou = out[0][:, 1:].float().flatten(0, 1), out[1][:, 1:].float().flatten()
+            k = iou.shape[1] - 1
+            iou = iou[:, 1:].float().flatten()
             if early is not None:  # thresholds, NMS and records see the calibrated IoU
                 iou = early.apply(iou)
-            extras = [x[:, 1:].float().flatten(0, 1) for x in out[2:]] if self.semantic else []
-            dim = extras[0].shape[-1] if extras else 0
-            prompt = torch.arange(a, b, device=dev).repeat_interleave(out[0].shape[1] - 1)
+            prompt = torch.arange(a, b, device=dev).repeat_interleave(k)
             ok = torch.ones_like(iou, dtype=torch.bool)
             if s.pred_iou_thresh > 0 and late is None:  # as the generator: 0 keeps negative ones too
                 ok = iou > s.pred_iou_thresh
+            # Masks (the decoder's upscaling, its costliest part per prompt) only for the prompts
+            # with a mask the IoU filter keeps: the others' masks would be dropped unseen. `row`
+            # maps a flat mask index to its row among the decoded ones.
+            row = None
+            if gate:
+                need = ok.view(-1, k).any(1).nonzero()[:, 0]
+                if len(need) == 0:
+                    continue
+                if len(need) < b - a:
+                    row = torch.full((b - a,), -1, dtype=torch.long, device=dev)
+                    row[need] = torch.arange(len(need), device=dev)
+                    hs, src = hs[need], src[need]
+            with record_function("amg.decode"):
+                masks, semantic = self.run_masks(self.decoder, hs, src, hw)
+            low = masks[:, 1:].float().flatten(0, 1)
+            if self.semantic:
+                semantic, score = semantic[:, 1:].float().flatten(0, 1), score[:, 1:].float().flatten()
             for j in range(first, last + 1):
                 # At most points_per_batch masks upscaled at once: a third of the generator's peak.
                 for idx in (ok & (prompt_job_t[prompt] == j)).nonzero()[:, 0].split(s.points_per_batch):
-                    chunk = (low[idx], iou[idx], prompt[idx], [x[idx] for x in extras])
+                    r = idx if row is None else row[idx // k] * k + idx % k
+                    extras = [semantic[r], score[idx]] if self.semantic else []
                     with record_function("amg.survivors"):
-                        parts.append(self._survivors(images, jobs, j, *chunk, calibration=late))
+                        parts.append(
+                            self._survivors(images, jobs, j, low[r], iou[idx], prompt[idx], extras, late)
+                        )
         if not parts:
             return [
                 self._image_result(im.shape[:2], [], {}, jobs, points, return_masks, dim) for im in images

@@ -115,7 +115,14 @@ class SemanticMaskDecoder(MaskDecoder):
             masks ``Px4xHxW`` (low-res logits), iou ``Px4``, semantic ``Px4xD`` (unit norm),
             score ``Px4`` (predicted cosine).
         """
-        k = self.num_mask_tokens
+        hs, src = self.run_transformer(image_embeddings, image_pe, sparse, dense)
+        masks, semantic = self.masks_and_semantic(hs, src, image_embeddings.shape[-2:])
+        iou, score = self.scores(hs)
+        return masks, iou, semantic, score
+
+    def run_transformer(self, image_embeddings, image_pe, sparse, dense) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer over P prompts (arguments as :meth:`predict_all`): the output
+        tokens ``P x N x C`` and image tokens ``P x hw x C`` that the heads read."""
         out_tokens = torch.cat(
             [
                 self.iou_token.weight,
@@ -126,16 +133,25 @@ class SemanticMaskDecoder(MaskDecoder):
             dim=0,
         )
         tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
-        hs, src = two_way_forward(self.transformer, image_tokens(image_embeddings, dense), image_pe, tokens)
-        b, (c, h, w) = tokens.shape[0], image_embeddings.shape[1:]
-        iou_out, mask_out = hs[:, 0], hs[:, 1 : 1 + k]
-        sem_out, score_out = hs[:, 1 + k : 1 + 2 * k], hs[:, 1 + 2 * k]
-        up = self.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+        return two_way_forward(self.transformer, image_tokens(image_embeddings, dense), image_pe, tokens)
+
+    def scores(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted IoU and predicted cosine ``P x 4`` each, from the output tokens alone."""
+        k = self.num_mask_tokens
+        return self.iou_prediction_head(hs[:, 0]), self.score_head(hs[:, 1 + 2 * k])
+
+    def masks_and_semantic(self, hs, src, hw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits ``P x 4 x 4h x 4w`` and unit semantic embeddings ``P x 4 x D`` of
+        the transformer's outputs (``hw``: the image embedding's ``(h, w)``). The engine runs this
+        only for prompts whose predicted IoU lets a mask through (model/amg.py)."""
+        k = self.num_mask_tokens
+        mask_out, sem_out = hs[:, 1 : 1 + k], hs[:, 1 + k : 1 + 2 * k]
+        b, c = src.shape[0], src.shape[2]
+        up = self.output_upscaling(src.transpose(1, 2).view(b, c, *hw))
         hyper = torch.stack([self.output_hypernetworks_mlps[i](mask_out[:, i]) for i in range(k)], dim=1)
         bu, cu, hu, wu = up.shape
         masks = (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu)
-        semantic = F.normalize(self.semantic_head(sem_out + self.mask_shape(masks)), dim=-1)
-        return masks, self.iou_prediction_head(iou_out), semantic, self.score_head(score_out)
+        return masks, F.normalize(self.semantic_head(sem_out + self.mask_shape(masks)), dim=-1)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,27 @@
-"""SAM's two-way transformer over many prompts of one image, the image side of its first block
-done once instead of once per prompt.
+"""SAM's two-way transformer over many prompts of one image, for inference: the image side of
+its first block done once instead of once per prompt, and the projections of the image tokens
+folded into the prompts' few tokens.
 
 segment-anything runs the mask decoder's transformer on ``P x HW x C`` image tokens, one copy of
-the image embedding per prompt (``MaskDecoder.predict_masks`` ``repeat_interleave``s it). In
-automatic mode every prompt of a decoder call usually belongs to one image, and until the first
-block's image-to-token attention writes into them those ``P`` copies are identical: the image
-tokens plus the no-mask embedding. So the first block's image-side work (adding the positional
-encoding, the token-to-image keys and values, the image-to-token queries) is the same for every
-prompt. :func:`two_way_forward` computes it once on ``1 x HW x C`` and broadcasts, so the
-per-prompt image tokens first exist after that attention (for inference; training keeps
-segment-anything's forward). The result is the same computation in another grouping (checked
-against segment-anything's forward in ``tests/model/test_amg.py``).
+the image embedding per prompt (``MaskDecoder.predict_masks`` ``repeat_interleave``s it). Two
+regroupings of the same arithmetic make that cheaper:
+
+* In automatic mode every prompt of a decoder call usually belongs to one image, and until the
+  first block's image-to-token attention writes into them those ``P`` copies are identical: the
+  image tokens plus the no-mask embedding. So the first block's image-side work (adding the
+  positional encoding, the token-to-image keys and values) is the same for every prompt:
+  :func:`first_block_shared` computes it once on ``1 x HW x C`` and broadcasts, so the per-prompt
+  image tokens first exist after that attention.
+* Each attention between a prompt's ~7 tokens and its 4096 image tokens projects the image tokens
+  (``HW x C`` by ``C x C'``, ``C'`` = 128) for keys and values, or for queries and the output.
+  Folded into the tokens' side instead (:func:`attend_image_keys`, :func:`attend_image_queries`:
+  a head's ``q . (W_k x + b_k)`` is ``(W_k^T q) . x`` plus a term the softmax ignores), the image
+  tokens meet ``C x heads*N`` matmuls (``heads*N`` = 56) and no ``P x HW x C'`` tensor is written:
+  about 2.3 times fewer multiply-adds per prompt in the transformer.
+
+The results are segment-anything's to rounding (``tests/model/test_amg.py`` checks the functions
+against its ``Attention`` in float64 and the decoder against its forward). Training keeps
+segment-anything's own forward (see :func:`two_way_forward`).
 
 Written here because segment-anything's ``TwoWayTransformer`` has no such path; its modules and
 weights are used as they are.
@@ -45,20 +56,78 @@ def attend_shared_keys(attn: Attention, q_pnc: torch.Tensor, k_1mc: torch.Tensor
     return attn.out_proj(out.reshape(p, n, -1))
 
 
-def attend_shared_queries(attn: Attention, q_1mc: torch.Tensor, k_pnc: torch.Tensor, v_pnc: torch.Tensor):
-    """``attn(q, k, v)`` for one shared query set (the image tokens) against P prompts' few tokens:
-    the queries are projected once. With a handful of keys per prompt the attention is two matmuls
-    and a softmax: the scores of every prompt's keys in one matmul per head (the shared queries are
-    not copied per prompt), then a softmax over each prompt's own keys."""
+def _values_through_out_proj(attn: Attention, v_pnc: torch.Tensor) -> torch.Tensor:
+    """Each head's values of P prompts' few tokens taken through that head's slice of the output
+    projection: ``P x heads*N x C``. The attention's output is then one matmul of its weights
+    with these plus the output bias, instead of a ``P x M x C'`` output projected row by row."""
     h = attn.num_heads
-    q = _heads(attn.q_proj(q_1mc), h)[0]  # h x M x d
-    k, v = _heads(attn.k_proj(k_pnc), h), _heads(attn.v_proj(v_pnc), h)  # P x h x N x d
+    v = _heads(attn.v_proj(v_pnc), h)  # P x h x N x d
+    c_out, d = attn.out_proj.out_features, v.shape[-1]
+    vo = torch.einsum("phnd,chd->phnc", v, attn.out_proj.weight.view(c_out, h, d))
+    return vo.reshape(v.shape[0], h * v.shape[2], c_out)
+
+
+def attend_image_queries(attn: Attention, q_pmc: torch.Tensor, k_pnc: torch.Tensor, v_pnc: torch.Tensor):
+    """``attn(q, k, v)`` for P prompts' own image tokens (``q``, ``P x M x C``) against their few
+    tokens, without projecting the image tokens: each head's query projection is folded into
+    that prompt's keys (``q_h . k = x . (W_q,h^T k) + b_q,h . k``), and the output projection into
+    the values, so per prompt the image tokens meet two ``M x C`` by ``C x heads*N`` matmuls
+    instead of two ``M x C`` by ``C x C'`` projections (``heads*N`` = 56 against ``C'`` = 128 in
+    SAM's decoder, and no ``P x M x C'`` tensors written). The same arithmetic regrouped."""
+    h = attn.num_heads
+    k = _heads(attn.k_proj(k_pnc), h)  # P x h x N x d
     p, _, n, d = k.shape
-    m = q.shape[1]
-    scores = q @ k.permute(1, 3, 0, 2).reshape(h, d, p * n)  # h x M x P*N
-    weights = torch.softmax(scores.view(h, m, p, n) * d**-0.5, dim=-1)
-    out = torch.einsum("hmpn,phnd->pmhd", weights, v)  # P x M x h x d: the heads already merged
-    return attn.out_proj(out.reshape(p, m, h * d))
+    c_in = attn.q_proj.in_features
+    k = k * d**-0.5  # the scale on the small side
+    kq = torch.einsum("phnd,hdc->phnc", k, attn.q_proj.weight.view(h, d, c_in)).reshape(p, h * n, c_in)
+    bias = torch.einsum("phnd,hd->phn", k, attn.q_proj.bias.view(h, d)).reshape(p, 1, h * n)
+    if q_pmc.shape[0] == 1 and p > 1:  # shared image tokens: one GEMM for all prompts, no copies
+        m = q_pmc.shape[1]
+        scores = torch.addmm(bias.reshape(1, p * h * n), q_pmc[0], kq.reshape(p * h * n, c_in).T)
+        scores = scores.view(m, p, h * n).transpose(0, 1)  # P x M x h*N, a view
+    else:
+        scores = torch.baddbmm(bias, q_pmc, kq.transpose(1, 2))  # P x M x h*N
+        m = scores.shape[1]
+    weights = torch.softmax(scores.view(p, m, h, n), dim=-1).view(p, m, h * n)
+    return weights @ _values_through_out_proj(attn, v_pnc) + attn.out_proj.bias
+
+
+def attend_image_keys(attn: Attention, q_pnc: torch.Tensor, k_pmc: torch.Tensor, v_pmc: torch.Tensor):
+    """``attn(q, k, v)`` for P prompts' few tokens against their own image tokens (``k``, ``v``:
+    ``P x M x C``), without projecting the image tokens: each head's key projection is folded
+    into the queries (the key bias only shifts every score of a query alike, which the softmax
+    ignores) and the value projection applied after the weighted sum (the weights of a query
+    sum to one, so the value bias passes through unchanged). Per prompt the image tokens meet
+    two ``heads*N x C`` by ``C x M`` matmuls instead of two ``M x C`` by ``C x C'`` projections.
+    The same arithmetic regrouped."""
+    h = attn.num_heads
+    q = _heads(attn.q_proj(q_pnc), h)  # P x h x N x d
+    p, _, n, d = q.shape
+    c_in = attn.k_proj.in_features
+    qk = torch.einsum("phnd,hdc->phnc", q * d**-0.5, attn.k_proj.weight.view(h, d, c_in))
+    weights = torch.softmax(qk.reshape(p, h * n, c_in) @ k_pmc.transpose(1, 2), dim=-1)  # P x h*N x M
+    mixed = (weights @ v_pmc).view(p, h, n, c_in)  # each head's weighted image tokens
+    out = torch.einsum("phnc,hdc->pnhd", mixed, attn.v_proj.weight.view(h, d, c_in))
+    return attn.out_proj(out.reshape(p, n, h * d) + attn.v_proj.bias)
+
+
+def block_per_prompt(block: TwoWayAttentionBlock, queries, keys_pmc, query_pe, key_pe_1mc):
+    """``TwoWayAttentionBlock.forward`` for inference, with each prompt's own image tokens
+    (``P x HW x C``): both cross-attentions through :func:`attend_image_keys` and
+    :func:`attend_image_queries`."""
+    if block.skip_first_layer_pe:
+        queries = block.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + block.self_attn(q=q, k=q, v=queries)
+    queries = block.norm1(queries)
+    k = keys_pmc + key_pe_1mc  # the keys do not change before the second use
+    queries = block.norm2(
+        queries + attend_image_keys(block.cross_attn_token_to_image, queries + query_pe, k, keys_pmc)
+    )
+    queries = block.norm3(queries + block.mlp(queries))
+    attn_out = attend_image_queries(block.cross_attn_image_to_token, k, queries + query_pe, queries)
+    return queries, block.norm4(keys_pmc + attn_out)
 
 
 def first_block_shared(block: TwoWayAttentionBlock, queries, keys_1mc, query_pe, key_pe_1mc):
@@ -74,7 +143,7 @@ def first_block_shared(block: TwoWayAttentionBlock, queries, keys_1mc, query_pe,
     attn_out = attend_shared_keys(block.cross_attn_token_to_image, queries + query_pe, k, keys_1mc)
     queries = block.norm2(queries + attn_out)
     queries = block.norm3(queries + block.mlp(queries))
-    attn_out = attend_shared_queries(block.cross_attn_image_to_token, k, queries + query_pe, queries)
+    attn_out = attend_image_queries(block.cross_attn_image_to_token, k, queries + query_pe, queries)
     return queries, block.norm4(keys_1mc + attn_out)
 
 
@@ -83,15 +152,17 @@ def two_way_forward(
 ):
     """``transformer(src, pe, tokens)`` for P prompts, as ``TwoWayTransformer.forward``.
 
-    The shared path runs for inference (no gradient: the engine's decoder calls, thousands of
-    prompts per image). Training keeps segment-anything's own forward on ``P`` copies: it decodes a
+    The regrouped path (module docstring) runs for inference (no gradient: the engine's decoder
+    calls, thousands of prompts per image), its first block shared when every prompt has the same
+    image tokens. Training keeps segment-anything's own forward on ``P`` copies: it decodes a
     few dozen prompts per image, where sharing saves little, and the smoke model's training is
     chaotic enough that a change in the last bits of the decoder's arithmetic moves its held-out
     figures (docs/TRAINING.md), so its arithmetic stays the one the documented runs used.
 
     Args:
         src: ``1 x C x h x w`` (the same image tokens for every prompt: shared when inferring) or
-            ``P x C x h x w`` (segment-anything's own forward, as for any other transformer module).
+            ``P x C x h x w`` (each prompt's own; segment-anything's forward for any other
+            transformer module).
         pe: ``1 x C x h x w`` positional encoding.
         tokens: ``P x N x C`` prompt and output tokens.
 
@@ -99,19 +170,21 @@ def two_way_forward(
         The processed tokens ``P x N x C`` and image tokens ``P x HW x C``.
     """
     p = tokens.shape[0]
-    shared = src.shape[0] == 1 and p > 1 and isinstance(transformer, TwoWayTransformer)
-    if not shared or torch.is_grad_enabled():
+    if not isinstance(transformer, TwoWayTransformer) or torch.is_grad_enabled():
         src = src if src.shape[0] == p else src.expand(p, -1, -1, -1).contiguous()
         return transformer(src, pe.expand(p, -1, -1, -1), tokens)
-    keys = src.flatten(2).transpose(1, 2)  # 1 x HW x C
-    key_pe = pe.flatten(2).transpose(1, 2)
+    # contiguous: sums with these follow their layout, and a transposed one makes LayerNorm copy
+    keys = src.flatten(2).transpose(1, 2).contiguous()  # 1 or P x HW x C
+    key_pe = pe.flatten(2).transpose(1, 2).contiguous()
     queries = tokens
     for i, layer in enumerate(transformer.layers):
-        if i == 0:
+        if i == 0 and keys.shape[0] == 1 and p > 1:
             queries, keys = first_block_shared(layer, queries, keys, tokens, key_pe)
         else:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-    attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+            keys = keys.expand(p, -1, -1)
+            queries, keys = block_per_prompt(layer, queries, keys, tokens, key_pe)
+    final = transformer.final_attn_token_to_image
+    attn_out = attend_image_keys(final, queries + tokens, keys + key_pe, keys)
     return transformer.norm_final_attn(queries + attn_out), keys
 
 

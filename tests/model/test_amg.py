@@ -331,6 +331,42 @@ def test_prompts_of_one_image_share_the_first_blocks_image_side_work(kind, photo
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
+def test_regrouped_attention_is_segment_anythings_attention():
+    """model/two_way.py folds the projections of the image side into the prompts' few tokens: in
+    float64 the outputs are segment-anything's Attention's to rounding, for per-prompt and shared
+    image tokens, with SAM's decoder sizes (256 wide, 8 heads, internal width 128) and biases."""
+    from segment_anything.modeling.transformer import Attention
+
+    from ssam.model.two_way import attend_image_keys, attend_image_queries
+
+    torch.manual_seed(0)
+    attn = Attention(256, 8, downsample_rate=2).double()
+    with torch.no_grad():
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            lin.bias.normal_()  # the folding must carry every bias, not only zero ones
+        tokens, image = torch.randn(5, 7, 256).double(), torch.randn(5, 300, 256).double()
+        other = torch.randn(5, 300, 256).double()  # keys and values may differ (keys + positions)
+        torch.testing.assert_close(
+            attend_image_keys(attn, tokens, image, other),
+            attn(q=tokens, k=image, v=other),
+            rtol=1e-9,
+            atol=1e-9,
+        )
+        torch.testing.assert_close(
+            attend_image_queries(attn, image, tokens, other[:, :7]),
+            attn(q=image, k=tokens, v=other[:, :7]),
+            rtol=1e-9,
+            atol=1e-9,
+        )
+        shared = image[:1]
+        torch.testing.assert_close(
+            attend_image_queries(attn, shared, tokens, other[:, :7]),
+            attn(q=shared.expand(5, -1, -1), k=tokens, v=other[:, :7]),
+            rtol=1e-9,
+            atol=1e-9,
+        )
+
+
 def test_training_keeps_segment_anythings_transformer_forward(monkeypatch):
     """With gradients (training) two_way_forward runs segment-anything's own forward on P
     materialised copies, as the decoder did before model/two_way.py; without, the shared path,
@@ -385,8 +421,9 @@ def test_the_bf16_decoder_follows_the_float32_one(kind, photos):
         torch.testing.assert_close(got[3].float(), ref[3], atol=0.02, rtol=0.02)
 
 
-def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog):
-    from ssam.model.amg import run_decoder
+@pytest.mark.parametrize("part", ["run_tokens", "run_masks"])
+def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog, part):
+    from ssam.model.amg import decoder_masks, decoder_tokens
 
     calls = []
 
@@ -395,19 +432,22 @@ def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog):
         raise RuntimeError("backend compiler failed (simulated)")
 
     engine = MaskEngine(toy, AmgSettings(**LOCAL))
-    engine.run_decoder.fn = broken  # as if compiled
+    getattr(engine, part).fn = broken  # as if compiled
     with caplog.at_level("WARNING", logger="ssam.device"):
         (got,) = engine.generate(photos[:1])
-    assert calls == [1] and engine.run_decoder.fn is run_decoder
+    eager = {"run_tokens": decoder_tokens, "run_masks": decoder_masks}[part]
+    assert calls == [1] and getattr(engine, part).fn is eager
     assert "running it eagerly" in caplog.text
-    assert got.records == MaskEngine(toy, AmgSettings(**LOCAL)).generate(photos[:1])[0].records
+    assert (
+        got.records and got.records == MaskEngine(toy, AmgSettings(**LOCAL)).generate(photos[:1])[0].records
+    )
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    engine.run_decoder.fn = out_of_memory  # not a compile failure: the OOM halving handles it
+    getattr(engine, part).fn = out_of_memory  # not a compile failure: the OOM halving handles it
     (failed,) = engine.generate(photos[:1])
-    assert failed.failure == "gpu_oom" and engine.run_decoder.fn is out_of_memory
+    assert failed.failure == "gpu_oom" and getattr(engine, part).fn is out_of_memory
 
 
 def test_an_encoder_that_fails_to_compile_runs_eagerly(photos, caplog):
@@ -479,6 +519,42 @@ def test_semantic_sam_extras_are_aligned_with_records(photos):
         assert abs(score - float(all_score[0, out])) < 1e-5
     (empty,) = MaskEngine(model, AmgSettings(points_per_side=2)).generate([np.zeros((40, 50, 3), np.uint8)])
     assert empty.records == [] and empty.semantic.shape == (0, 24) and empty.score.shape == (0,)
+
+
+@pytest.mark.parametrize("kind", ["sam", "semantic"])
+def test_only_prompts_with_a_mask_past_the_iou_filter_are_upscaled(kind, toy, photos):
+    """The decoder's masks part runs only for prompts with a mask the predicted-IoU filter keeps;
+    the results are those of upscaling every prompt (segment-anything's way), semantic outputs
+    included."""
+    model = toy if kind == "sam" else build_semantic_sam("smoke", clip_dim=24, seed=0).eval()
+    settings = dict(points_per_side=12, points_per_batch=50, stability_score_thresh=0.3, box_nms_thresh=0.9)
+    # a predicted-IoU threshold that the best mask of about half the prompts passes
+    feats = MaskEngine(model, AmgSettings(**settings)).encode(photos[:1])[0]
+    coords = torch.rand(64, 1, 2, generator=torch.Generator().manual_seed(0)) * 256
+    with torch.no_grad():
+        iou = decode_prompts(model, feats, coords, torch.ones(64, 1, dtype=torch.int))[1]
+    settings.update(pred_iou_thresh=float(iou[:, 1:].amax(1).median()))
+    if kind == "semantic":  # random weights: its masks pass no stability threshold with these
+        settings.update(stability_score_thresh=0.0, box_nms_thresh=1.0)
+    results, decoded = {}, {}
+    for gate in (True, False):
+        engine = MaskEngine(model, AmgSettings(**settings))
+        engine.gate_masks = gate
+        sizes, run = [], engine.run_masks.fn
+
+        def counted(dec, hs, src, hw, sizes=sizes, run=run):
+            sizes.append(len(hs))
+            return run(dec, hs, src, hw)
+
+        engine.run_masks.fn = counted
+        results[gate], decoded[gate] = engine.generate(photos), sum(sizes)
+    total = 3 * 12 * 12
+    assert decoded[False] == total and 0 < decoded[True] < total * 0.9, decoded
+    for a, b in zip(results[True], results[False], strict=True):
+        assert a.records and a.records == b.records
+        if kind == "semantic":
+            np.testing.assert_array_equal(a.semantic, b.semantic)
+            np.testing.assert_array_equal(a.score, b.score)
 
 
 def test_an_image_that_runs_out_of_memory_alone_is_reported(toy, photos):

@@ -1,0 +1,118 @@
+"""SAM's mask decoder over many prompts of one image: segment-anything's against the engine's.
+
+Side by side in one run, on the same decoder weights, image embedding and prompts (random weights:
+timing only), rounds interleaved, the best round of each kept:
+
+* ``reference``: segment-anything's ``MaskDecoder.predict_masks`` (a copy of the image embedding
+  per prompt, its own attention), every prompt's masks upscaled;
+* ``engine``: the masks engine's decoder (``model/amg.py``: ``decoder_tokens`` then
+  ``decoder_masks``; ``model/two_way.py``'s first block shared and projections folded), every
+  prompt's masks upscaled;
+* ``engine_gated_S``: the same, but the masks part only for a share ``S`` of the prompts, as the
+  engine does for the prompts whose predicted IoU lets a mask through (``--shares``).
+
+Reports ms per call, prompts per second, the ratios to the reference, and how far the engine's
+outputs are from the reference's (mask logits and IoU, max abs difference). On CUDA both run in
+bf16 (the engine's decoder is a bf16 copy: the reference runs on the same copy) and, with
+``--compile``, each compiled.
+
+    python3 benchmarks/bench_decoder.py                                  # CPU, ~2 minutes
+    python3 benchmarks/bench_decoder.py --device cuda --prompts 512 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from ssam.model.amg import bf16_decoder, decoder_masks, decoder_tokens
+    from ssam.model.sam import build_sam
+    from ssam.model.sdpa import enable_sdpa
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sam", default="vit_b", help="any size: SAM's mask decoder is the same for all")
+    p.add_argument("--prompts", type=int, default=32, help="prompts per decoder call")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shares", type=float, nargs="*", default=[0.5, 0.2])
+    p.add_argument("--compile", action="store_true", help="torch.compile each variant (CUDA)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    sam = build_sam(args.sam, seed=0).to(dev).eval()
+    cuda = dev.type == "cuda"
+    if cuda:
+        enable_sdpa(sam)  # as the engine runs it
+    dec = bf16_decoder(sam) if cuda else sam.mask_decoder
+    dtype = dec.iou_token.weight.dtype
+    n = args.prompts
+    feats = torch.randn(1, 256, *sam.prompt_encoder.image_embedding_size, device=dev, dtype=dtype)
+    coords = torch.rand(n, 1, 2, device=dev) * sam.image_encoder.img_size
+    labels = torch.ones(n, 1, dtype=torch.int, device=dev)
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        pe = sam.prompt_encoder.get_dense_pe().to(dtype)
+        sparse, dense = sparse.to(dtype), dense[:1].to(dtype)
+    hw = tuple(feats.shape[-2:])
+
+    def reference():
+        return dec.predict_masks(feats, pe, sparse, dense.expand(n, -1, -1, -1))
+
+    def engine(share=1.0):
+        hs, src, iou, _ = decoder_tokens(dec, feats, pe, sparse, dense)
+        if share < 1.0:
+            keep = torch.arange(0, n, max(1, round(1 / share)), device=dev)
+            hs, src = hs[keep], src[keep]
+        return decoder_masks(dec, hs, src, hw)[0], iou
+
+    variants = {"reference": reference, "engine": engine}
+    variants.update({f"engine_gated_{s:g}": (lambda s=s: engine(s)) for s in args.shares})
+    if args.compile:
+        variants = {k: torch.compile(f) for k, f in variants.items()}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    best = {k: float("inf") for k in variants}
+    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    res.update(sam=args.sam, prompts=n, dtype=str(dtype), compiled=args.compile)
+    with torch.inference_mode():
+        for k, f in variants.items():  # warm-up (and compiling)
+            t = time.perf_counter()
+            f()
+            sync()
+            res[f"{k}_warm_up_s"] = time.perf_counter() - t
+        ref_masks, ref_iou = variants["reference"]()
+        got_masks, got_iou = variants["engine"]()
+        res["masks_max_abs_diff"] = float((got_masks.float() - ref_masks.float()).abs().max())
+        res["masks_mean_abs"] = float(ref_masks.float().abs().mean())
+        res["iou_max_abs_diff"] = float((got_iou.float() - ref_iou.float()).abs().max())
+        res["mask_pixels_same_sign"] = float(((got_masks > 0) == (ref_masks > 0)).float().mean())
+        del ref_masks, got_masks
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.rounds):
+            for k, f in variants.items():
+                sync()
+                t = time.perf_counter()
+                f()
+                sync()
+                best[k] = min(best[k], time.perf_counter() - t)
+    for k, t in best.items():
+        res[f"{k}_ms"] = t * 1e3
+        res[f"{k}_prompts_per_s"] = n / t
+        res[f"{k}_speedup"] = best["reference"] / t
+    if cuda:
+        res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
