@@ -7,7 +7,10 @@ the upscaled logits, crop-edge boxes, box NMS per crop, NMS between crops, small
 built from its helpers. What differs is where and how often the work happens:
 
 * the prompts of all images and crops of a call share mask-decoder calls (``points_per_batch``
-  prompts each), each prompt with its own image embedding;
+  prompts each), each prompt with its own image embedding (model/two_way.py regroups the
+  decoder's transformer for that);
+* the decoder's masks part (upscaling, hypernetwork product) runs only for prompts with a mask
+  that passes the predicted-IoU filter, which reads the output tokens alone;
 * only the masks that pass the predicted-IoU filter are upscaled; stability, boxes and crop-edge
   filtering are computed on the device, chunk by chunk, keeping only the survivors' low-res
   logits; NMS runs once per call for all images (one category per crop, then per image);
@@ -437,9 +440,9 @@ class MaskEngine:
             ok = torch.ones_like(iou, dtype=torch.bool)
             if s.pred_iou_thresh > 0 and late is None:  # as the generator: 0 keeps negative ones too
                 ok = iou > s.pred_iou_thresh
-            # Masks (the decoder's upscaling, its costliest part per prompt) only for the prompts
-            # with a mask the IoU filter keeps: the others' masks would be dropped unseen. `row`
-            # maps a flat mask index to its row among the decoded ones.
+            # Masks (the decoder's upscaling and hypernetwork product: 30-40% of its time per prompt
+            # on a CPU, bench_decoder.py) only for the prompts with a mask the IoU filter keeps: the
+            # others' masks would be dropped unseen. `row` maps a flat mask index to its decoded row.
             row = None
             if gate:
                 need = ok.view(-1, k).any(1).nonzero()[:, 0]

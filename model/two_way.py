@@ -10,7 +10,7 @@ regroupings of the same arithmetic make that cheaper:
   first block's image-to-token attention writes into them those ``P`` copies are identical: the
   image tokens plus the no-mask embedding. So the first block's image-side work (adding the
   positional encoding, the token-to-image keys and values) is the same for every prompt:
-  :func:`first_block_shared` computes it once on ``1 x HW x C`` and broadcasts, so the per-prompt
+  :func:`block_forward` computes it once on ``1 x HW x C`` and broadcasts, so the per-prompt
   image tokens first exist after that attention.
 * Each attention between a prompt's ~7 tokens and its 4096 image tokens projects the image tokens
   (``HW x C`` by ``C x C'``, ``C'`` = 128) for keys and values, or for queries and the output.
@@ -111,40 +111,27 @@ def attend_image_keys(attn: Attention, q_pnc: torch.Tensor, k_pmc: torch.Tensor,
     return attn.out_proj(out.reshape(p, n, h * d) + attn.v_proj.bias)
 
 
-def block_per_prompt(block: TwoWayAttentionBlock, queries, keys_pmc, query_pe, key_pe_1mc):
-    """``TwoWayAttentionBlock.forward`` for inference, with each prompt's own image tokens
-    (``P x HW x C``): both cross-attentions through :func:`attend_image_keys` and
-    :func:`attend_image_queries`."""
+def block_forward(block: TwoWayAttentionBlock, queries, keys, query_pe, key_pe_1mc):
+    """``TwoWayAttentionBlock.forward`` for inference over P prompts; returns the queries and the
+    per-prompt image tokens (``P x HW x C``).
+
+    ``keys``: the image tokens, ``1 x HW x C`` when every prompt has the same ones (the first
+    block: its token-to-image keys and values are then projected once, :func:`attend_shared_keys`)
+    or ``P x HW x C`` (:func:`attend_image_keys`); the image-to-token attention is
+    :func:`attend_image_queries` either way."""
     if block.skip_first_layer_pe:
         queries = block.self_attn(q=queries, k=queries, v=queries)
     else:
         q = queries + query_pe
         queries = queries + block.self_attn(q=q, k=q, v=queries)
     queries = block.norm1(queries)
-    k = keys_pmc + key_pe_1mc  # the keys do not change before the second use
-    queries = block.norm2(
-        queries + attend_image_keys(block.cross_attn_token_to_image, queries + query_pe, k, keys_pmc)
-    )
+    k = keys + key_pe_1mc  # once (per prompt only when the image tokens are); unchanged until its second use
+    shared = keys.shape[0] == 1 and queries.shape[0] > 1
+    attend = attend_shared_keys if shared else attend_image_keys
+    queries = block.norm2(queries + attend(block.cross_attn_token_to_image, queries + query_pe, k, keys))
     queries = block.norm3(queries + block.mlp(queries))
     attn_out = attend_image_queries(block.cross_attn_image_to_token, k, queries + query_pe, queries)
-    return queries, block.norm4(keys_pmc + attn_out)
-
-
-def first_block_shared(block: TwoWayAttentionBlock, queries, keys_1mc, query_pe, key_pe_1mc):
-    """``TwoWayAttentionBlock.forward`` with image tokens shared by all prompts (``1 x HW x C``);
-    returns the queries and the per-prompt image tokens (``P x HW x C``)."""
-    if block.skip_first_layer_pe:
-        queries = block.self_attn(q=queries, k=queries, v=queries)
-    else:
-        q = queries + query_pe
-        queries = queries + block.self_attn(q=q, k=q, v=queries)
-    queries = block.norm1(queries)
-    k = keys_1mc + key_pe_1mc  # once, not once per prompt
-    attn_out = attend_shared_keys(block.cross_attn_token_to_image, queries + query_pe, k, keys_1mc)
-    queries = block.norm2(queries + attn_out)
-    queries = block.norm3(queries + block.mlp(queries))
-    attn_out = attend_image_queries(block.cross_attn_image_to_token, k, queries + query_pe, queries)
-    return queries, block.norm4(keys_1mc + attn_out)
+    return queries, block.norm4(keys + attn_out)
 
 
 def two_way_forward(
@@ -177,12 +164,8 @@ def two_way_forward(
     keys = src.flatten(2).transpose(1, 2).contiguous()  # 1 or P x HW x C
     key_pe = pe.flatten(2).transpose(1, 2).contiguous()
     queries = tokens
-    for i, layer in enumerate(transformer.layers):
-        if i == 0 and keys.shape[0] == 1 and p > 1:
-            queries, keys = first_block_shared(layer, queries, keys, tokens, key_pe)
-        else:
-            keys = keys.expand(p, -1, -1)
-            queries, keys = block_per_prompt(layer, queries, keys, tokens, key_pe)
+    for layer in transformer.layers:  # the first block's output is per prompt
+        queries, keys = block_forward(layer, queries, keys, tokens, key_pe)
     final = transformer.final_attn_token_to_image
     attn_out = attend_image_keys(final, queries + tokens, keys + key_pe, keys)
     return transformer.norm_final_attn(queries + attn_out), keys
