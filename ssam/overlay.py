@@ -83,6 +83,8 @@ def coco_counts(segmentations: Sequence[dict], h: int, w: int) -> tuple[np.ndarr
         ValueError: an RLE of another size, or counts that are negative or do not add up to
             ``h * w`` (naming the mask).
     """
+    if not segmentations:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     raw, lists = [], {}
     for k, seg in enumerate(segmentations):
         if list(seg["size"]) != [h, w]:
@@ -94,12 +96,15 @@ def coco_counts(segmentations: Sequence[dict], h: int, w: int) -> tuple[np.ndarr
         raw.append(c.encode() if isinstance(c, str) else bytes(c))
     chars = np.frombuffer(b"".join(raw), np.uint8).astype(np.int64) - 48
     last = (chars & 0x20) == 0  # the last character of a count
+    ends = np.cumsum([len(r) for r in raw])
+    cut = np.flatnonzero((np.diff(np.r_[0, ends]) > 0) & ~last[np.maximum(ends - 1, 0)]) if len(chars) else []
+    if len(cut):
+        raise ValueError(f"mask {int(cut[0])}: the RLE string ends inside a count")
     start = np.flatnonzero(np.r_[True, last[:-1]]) if len(chars) else np.zeros(0, np.int64)
     shift = 5 * (np.arange(len(chars)) - np.repeat(start, np.diff(np.r_[start, len(chars)])))
     values = np.add.reduceat((chars & 0x1F) << shift, start) if len(chars) else np.zeros(0, np.int64)
     negative = (chars[last] & 0x10) != 0
     values[negative] -= np.left_shift(1, shift[last][negative] + 5)  # sign-extend
-    ends = np.cumsum([len(r) for r in raw])
     lengths = np.diff(np.r_[0, np.searchsorted(np.flatnonzero(last), ends - 1, side="right")])
     # Undo the differences: within a mask, count 0 stays, the odd ones are the running sum of the
     # odd ones, the even ones from 2 on the running sum of those; one segmented cumsum for all.

@@ -233,7 +233,13 @@ def test_run_lengths_of_a_bad_rle_name_the_mask():
     with pytest.raises(ValueError, match="mask 1: RLE counts"):
         coco_counts([good, {"size": [4, 4], "counts": [3, 4]}], 4, 4)  # 7 pixels of 16
     with pytest.raises(ValueError, match="mask 0: RLE counts"):
-        coco_counts([{"size": [4, 4], "counts": good["counts"][:-1]}], 4, 4)  # a truncated string
+        coco_counts([{"size": [4, 4], "counts": good["counts"][:-1]}], 4, 4)  # a count missing
+    noise = to_ann((np.random.default_rng(1).random((40, 30)) < 0.5).astype(np.uint8))["segmentation"]
+    with pytest.raises(ValueError, match="mask 0: the RLE string ends inside a count"):
+        coco_counts([{"size": [40, 30], "counts": "1" + chr(48 + 0x20)}, noise], 40, 30)
+    assert [len(a) for a in coco_counts([], 4, 4)] == [0, 0]
+    only_lists = coco_counts([{"size": [4, 4], "counts": [3, 13]}, {"size": [4, 4], "counts": [0, 16]}], 4, 4)
+    assert [a.tolist() for a in only_lists] == [[3, 13, 0, 16], [2, 2]]
 
 
 # ---------------------------------------------------------------------------------------------
