@@ -422,7 +422,8 @@ class MaskEngine:
         calibration = getattr(self.model, "iou_calibration", None)
         late = calibration if calibration is not None and calibration.uses_stability else None
         early = calibration if late is None else None
-        gate = self.gate_masks and s.pred_iou_thresh > 0 and late is None
+        iou_filter = s.pred_iou_thresh > 0 and late is None  # as the generator: 0 keeps negative ones too
+        gate = self.gate_masks and iou_filter
         hw = tuple(feats_jchw.shape[-2:])
         for a in range(0, len(points), s.points_per_batch):
             b = min(a + s.points_per_batch, len(points))
@@ -438,7 +439,7 @@ class MaskEngine:
                 iou = early.apply(iou)
             prompt = torch.arange(a, b, device=dev).repeat_interleave(k)
             ok = torch.ones_like(iou, dtype=torch.bool)
-            if s.pred_iou_thresh > 0 and late is None:  # as the generator: 0 keeps negative ones too
+            if iou_filter:
                 ok = iou > s.pred_iou_thresh
             # Masks (the decoder's upscaling and hypernetwork product: 30-40% of its time per prompt
             # on a CPU, bench_decoder.py) only for the prompts with a mask the IoU filter keeps: the

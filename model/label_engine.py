@@ -257,7 +257,8 @@ def masks_from_counts(counts: np.ndarray, lengths: np.ndarray, h: int, w: int, d
     m = len(lengths)
     first = np.cumsum(lengths) - lengths
     mask = np.repeat(np.arange(m), lengths)
-    ends = np.cumsum(counts) - np.repeat(np.cumsum(counts)[first] - counts[first], lengths)
+    total = np.cumsum(counts)
+    ends = total - np.repeat(total[first] - counts[first], lengths)  # within each mask
     inside = np.ones(len(counts), bool)
     inside[first + lengths - 1] = False  # a mask's last run ends at h * w: nothing to toggle
     at, times = np.unique(mask[inside] * (h * w) + ends[inside], return_counts=True)
