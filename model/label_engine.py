@@ -1,36 +1,46 @@
-"""Batched label engine: CLIP embeddings of SAM mask crops, cut and resized on the device.
+"""Batched label engine: CLIP embeddings of SAM mask crops, cut and resampled with tensor ops.
 
 The reference path (``stages/labels.py``) cuts each mask's padded box on the CPU with PIL, dims or
 blurs the background outside the mask, runs open_clip's eval transform on the crop and CLIP image
-by image. Here all the masks of a batch of images are handled with a few tensor ops on the CLIP's
-device:
+by image. Here all the masks of a batch of images are handled with a few tensor ops:
 
-1. each image goes to the device once as uint8 (and, for ``"blur"``, is blurred once);
-2. its masks' RLE strings are parsed to run lengths on the host, and where the runs end goes to
-   the device, where the masks are built (``masks_from_counts``; no pixel is decoded on the host);
-3. the region the reference finally shows -- the part of the padded, clipped box that survives
-   open_clip's ``Resize(shortest side) + CenterCrop`` -- is computed exactly (``center_square``)
-   and ``torchvision.ops.roi_align`` resamples the image and the masks to ``S x S`` for every mask
-   at once; the background is applied to the small crops (``compose_crops``), then CLIP's
-   normalisation;
-4. the crops of all images are fed to the image encoder ``batch_size`` at a time, crops of
-   different images mixed, optionally under bf16 autocast on CUDA.
+1. the region the reference finally shows -- the part of the padded, clipped box that survives
+   open_clip's ``Resize(shortest side) + CenterCrop`` -- is computed exactly (``center_square``);
+2. its masks' RLE strings are parsed to run lengths on the host (``coco_counts``; no pixel is
+   decoded there);
+3. the crops are resampled to ``S x S`` with ``roi_align``'s sampling (bilinear samples averaged
+   per output bin), in one of two ways (``image_mask_crops``):
+
+   - on a GPU (``roi_align_crops``): the image goes to the device once as uint8, the masks are
+     built there from where their runs end (``masks_from_counts``), and
+     ``torchvision.ops.roi_align`` resamples the image and the masks for every mask at once; the
+     background is applied to the small crops (``compose_crops``);
+   - on a CPU (``window_crops``), where torchvision's roi_align runs sample by sample on one
+     thread: each mask's window of the image is cut with its mask built inside the window only
+     (``window_masks``), the background applied at full resolution as the reference does, and the
+     windows resampled as two small matrix products each (``separable_resample``: roi_align's
+     sampling, to float rounding);
+
+4. CLIP's normalisation, then the crops of all images are fed to the image encoder
+   ``batch_size`` at a time, crops of different images mixed, optionally under bf16 autocast on
+   CUDA.
 
 Differences from the reference, all bounded in ``tests/model/test_label_engine.py``:
-resampling is roi_align's bilinear bin averaging instead of PIL's antialiased bicubic; the mask is
-resampled separately from the image (see ``compose_crops``); ``"blur"`` blurs the whole image, not
-the crop, so near the crop's edges it sees the true neighbours where PIL repeats the edge pixels.
-That last one is a change of behaviour, not just of rounding, for crops not much larger than the
-blur (sigma 8 px by default): there PIL's blur of the crop alone is nearly the crop's mean colour,
-the whole-image blur is the colour of the surroundings. With many ~10 px masks it lowered the
-smallest crop-embedding cosine to the reference to 0.988 (smoke CLIP) and 0.95 (random-weight
-ViT-L-14), where ``"dim"`` stayed >= 0.997.
+resampling is roi_align's bilinear bin averaging instead of PIL's antialiased bicubic; on a GPU the
+mask is resampled separately from the image (see ``compose_crops``); ``"blur"`` blurs the whole
+image, not the crop, so near the crop's edges it sees the true neighbours where PIL repeats the
+edge pixels. That last one is a change of behaviour, not just of rounding, for crops not much
+larger than the blur (sigma 8 px by default): there PIL's blur of the crop alone is nearly the
+crop's mean colour, the whole-image blur is the colour of the surroundings. With many ~10 px masks
+it lowered the smallest crop-embedding cosine to the reference to 0.988 (smoke CLIP) and 0.95
+(random-weight ViT-L-14), where ``"dim"`` stayed >= 0.997.
 
 Written by hand here (no library has them): the replica of torchvision's Resize/CenterCrop
 geometry as a box (``center_square``), the separable Gaussian blur (torchvision's
 ``gaussian_blur`` convolves with the full 2-D kernel, ~k/2 times the work for a k-tap kernel),
-masks built on the device from run lengths (``masks_from_counts``; pycocotools decodes only on
-the host), and the re-chunking of per-image crop tensors into fixed-size encoder batches
+masks built from run lengths (``masks_from_counts``, ``window_masks``; pycocotools decodes only
+whole masks), roi_align's sampling as per-axis matrices (``roi_axis_taps``; torchvision has no
+faster CPU kernel) and the re-chunking of per-image crop tensors into fixed-size encoder batches
 (``rebatch``).
 """
 
@@ -53,6 +63,7 @@ from ssam.overlay import coco_counts
 from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_images, encode_texts
 
 BACKGROUNDS = ("dim", "blur", "none")
+GROUPS_PER_OCTAVE = 2  # window-size groups per doubling (separable_resample)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +252,142 @@ def resample_masks(masks_mhw: torch.Tensor, rois_xyxy: torch.Tensor, size: int) 
     return roi_resample(masks_mhw[:, None].float(), rois_xyxy, size, index)
 
 
+def roi_axis_taps(lo: torch.Tensor, hi: torch.Tensor, size: int, n: int):
+    """roi_align's resampling along one axis: which input pixels each output bin reads, and how much.
+
+    ``torchvision.ops.roi_align(aligned=True, sampling_ratio=-1)`` averages, per output bin,
+    ``ceil(roi_h / size) x ceil(roi_w / size)`` bilinear samples on a regular grid. A bilinear
+    weight is the product of a y and an x weight, and a sample outside the image counts zero when
+    either coordinate is out, so the whole operation is separable: the output is
+    ``A_y @ X @ A_x^T`` with ``A`` the per-axis mean of the samples' interpolation weights. These
+    are the nonzeros of ``A``, computed with the kernel's own float32 arithmetic in its order
+    (position, the ``< -1`` / ``> n`` cut, the clamp at 0, the last pixel held), so that the
+    products equal roi_align up to float rounding.
+
+    Args:
+        lo, hi: ``[K]`` float32 ROI bounds on this axis (pixel ``i`` spans ``[i, i + 1]``).
+        size: output bins.
+        n: the axis' length in the image, or ``[K]`` lengths (one call for both axes).
+
+    Returns:
+        ``index`` and ``weight``, ``[K, size, T]`` (int64 pixel, float32 weight; unused taps weigh
+        0), and ``start``, ``extent``, ``[K]`` int64: every pixel a ROI reads is in
+        ``start .. start + extent - 1``.
+    """
+    roi_start = lo - 0.5
+    length = hi - lo
+    bin_size = length / size
+    grid = torch.ceil(length / size)  # samples per bin (0 for an empty ROI: its bins are 0)
+    g = max(int(grid.max()) if len(lo) else 1, 1)
+    n = torch.as_tensor(n, dtype=lo.dtype).expand(len(lo))
+    last_pixel = (n - 1).view(-1, 1, 1)
+    p = torch.arange(size, dtype=lo.dtype).view(1, -1, 1)
+    i = torch.arange(g, dtype=lo.dtype).view(1, 1, -1)
+    pos = (
+        roi_start.view(-1, 1, 1) + p * bin_size.view(-1, 1, 1) + (i + 0.5) * (bin_size / grid).view(-1, 1, 1)
+    )
+    used = (i < grid.view(-1, 1, 1)) & (pos >= -1.0) & (pos <= n.view(-1, 1, 1))
+    pos = pos.clamp(min=0)
+    held = pos.floor() >= last_pixel  # at the last pixel: no pixel above
+    low = torch.where(held, last_pixel, pos.floor())
+    frac = torch.where(held, 0.0, pos - low)
+    share = used.to(lo.dtype) / grid.clamp(min=1).view(-1, 1, 1)
+    low = low.to(torch.int64)
+    index = torch.cat([low, torch.where(held, low, low + 1)], 2)
+    weight = torch.cat([(1 - frac) * share, frac * share], 2)
+    first = torch.minimum(torch.floor(roi_start).clamp(min=0), n - 1)
+    last = torch.minimum((torch.floor(hi - 0.5) + 1).clamp(min=0), n - 1)
+    return index, weight, first.to(torch.int64), (last - first).to(torch.int64) + 1
+
+
+def tap_matrix(index: torch.Tensor, weight: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
+    """``[K, size, width]`` resampling matrices from ``roi_axis_taps``, column 0 at pixel ``start``.
+
+    Every used tap must fall in ``[start, start + width)``; unused ones (weight 0) may not.
+    """
+    col = (index - start.view(-1, 1, 1)).clamp(0, width - 1)
+    out = torch.zeros(*index.shape[:2], width, dtype=weight.dtype)
+    return out.scatter_add_(2, col, weight)
+
+
+def separable_resample(rois_xyxy: torch.Tensor, size: int, h: int, w: int, read) -> torch.Tensor:
+    """What ``roi_resample`` computes, as two small matrix products per ROI (on the CPU).
+
+    torchvision's CPU roi_align works sample by sample on one thread (about 40 ns per sample and
+    channel on the 2-core machine of ``benchmarks/README.md``). Here each ROI's window of the input
+    is read once and resampled with the matrices of ``roi_axis_taps``,
+    ``[size, hb] @ [hb, wb] @ [wb, size]`` per channel, batched over ROIs of similar window size
+    (padded to the largest in their group; the padding weighs 0). The matrices are banded and
+    stored dense: at CLIP's crop sizes a dense batched matmul still beats gathering the taps.
+
+    Args:
+        rois_xyxy: ``[K, 4]`` continuous boxes inside an ``h x w`` image.
+        size: output side.
+        h, w: the image's size.
+        read: ``read(index, ys, xs, hb, wb)`` gives the windows ``[k, hb, C, wb]`` (float32,
+            contiguous, on the CPU; channels inside rows, so one matrix product serves them all) of
+            the ROIs ``index``: rows ``ys[i] .. ys[i] + hb`` and
+            columns ``xs[i] .. xs[i] + wb`` (``[k]`` int64 arrays), all inside the image.
+
+    Returns:
+        ``[K, C, size, size]`` float32, in ROI order (a view of a ``[K, size, C, size]`` tensor).
+    """
+    r = rois_xyxy.to(torch.float32)  # roi_align reads its boxes in the image's dtype
+    k_all = len(r)
+    # both axes in one call: y bounds then x bounds, each with its axis' length
+    taps = roi_axis_taps(
+        torch.cat([r[:, 1], r[:, 0]]),
+        torch.cat([r[:, 3], r[:, 2]]),
+        size,
+        torch.tensor([h, w]).repeat_interleave(k_all),
+    )
+    iy, ix_ = taps[0][:k_all], taps[0][k_all:]
+    wy, wx_ = taps[1][:k_all], taps[1][k_all:]
+    y0, x0, hy, wx = taps[2][:k_all], taps[2][k_all:], taps[3][:k_all], taps[3][k_all:]
+    # group by window size, so that padding a window to its group's largest costs at most ~4x
+    group = torch.ceil(GROUPS_PER_OCTAVE * torch.log2(torch.maximum(hy, wx).to(torch.float32))).numpy()
+    y0, hy, x0, wx = y0.numpy(), hy.numpy(), x0.numpy(), wx.numpy()
+    out = None
+    for g in np.unique(group):
+        ix = np.flatnonzero(group == g)
+        hb, wb = int(hy[ix].max()), int(wx[ix].max())
+        ys, xs = np.minimum(y0[ix], h - hb), np.minimum(x0[ix], w - wb)  # pad inwards, not past the edge
+        win = read(ix, ys, xs, hb, wb)  # [k, hb, C, wb]
+        k, c = len(ix), win.shape[2]
+        t = torch.from_numpy(ix)
+        ay = tap_matrix(iy[t], wy[t], torch.from_numpy(ys), hb)  # [k, S, hb]
+        ax = tap_matrix(ix_[t], wx_[t], torch.from_numpy(xs), wb).transpose(1, 2)  # [k, wb, S]
+        if wb <= hb:  # rows first: C*S*wb*(hb + S) multiply-adds, else C*S*hb*(wb + S)
+            res = torch.bmm(torch.bmm(ay, win.view(k, hb, c * wb)).view(k, size * c, wb), ax)
+        else:
+            res = torch.bmm(ay, torch.bmm(win.view(k, hb * c, wb), ax).view(k, hb, c * size))
+        if out is None:
+            out = torch.empty(k_all, size, c, size)
+        out.index_copy_(0, t, res.view(k, size, c, size))
+    if out is None:
+        return torch.zeros(0, 1, size, size)
+    return out.permute(0, 2, 1, 3)
+
+
+def run_toggles(counts: np.ndarray, lengths: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Where ``M`` masks' COCO runs (``ssam.overlay.coco_counts``) flip between 0 and 1.
+
+    Returns:
+        Sorted int64 keys ``k * h * w + p``: mask ``k`` changes value at its column-major pixel
+        ``p`` (the first pixel of each run but its first). The mask at ``p`` is the parity of its
+        keys at or before ``p``.
+    """
+    m = len(lengths)
+    first = np.cumsum(lengths) - lengths
+    mask = np.repeat(np.arange(m), lengths)
+    total = np.cumsum(counts)
+    ends = total - np.repeat(total[first] - counts[first], lengths)  # within each mask
+    inside = np.ones(len(counts), bool)
+    inside[first + lengths - 1] = False  # a mask's last run ends at h * w: nothing to toggle
+    at, times = np.unique(mask[inside] * (h * w) + ends[inside], return_counts=True)
+    return at[times % 2 == 1]  # a zero-length run puts two ends on one pixel: they cancel
+
+
 def masks_from_counts(counts: np.ndarray, lengths: np.ndarray, h: int, w: int, device) -> torch.Tensor:
     """``M`` masks from their COCO run lengths (``ssam.overlay.coco_counts``), built on ``device``.
 
@@ -255,17 +402,48 @@ def masks_from_counts(counts: np.ndarray, lengths: np.ndarray, h: int, w: int, d
         as pycocotools decodes.
     """
     m = len(lengths)
-    first = np.cumsum(lengths) - lengths
-    mask = np.repeat(np.arange(m), lengths)
-    total = np.cumsum(counts)
-    ends = total - np.repeat(total[first] - counts[first], lengths)  # within each mask
-    inside = np.ones(len(counts), bool)
-    inside[first + lengths - 1] = False  # a mask's last run ends at h * w: nothing to toggle
-    at, times = np.unique(mask[inside] * (h * w) + ends[inside], return_counts=True)
     buf = torch.zeros(m, h * w, dtype=torch.uint8, device=device)
-    # a zero-length run puts two ends on one pixel: they cancel
-    buf.view(-1)[torch.as_tensor(at[times % 2 == 1], device=device)] = 1
+    buf.view(-1)[torch.as_tensor(run_toggles(counts, lengths, h, w), device=device)] = 1
     return torch.cumsum(buf, 1, dtype=torch.uint8).bitwise_and_(1).view(m, w, h).transpose(1, 2)
+
+
+def window_masks(
+    toggles: np.ndarray, index: np.ndarray, ys: np.ndarray, xs: np.ndarray, h: int, w: int, out: np.ndarray
+) -> np.ndarray:
+    """Write masks ``index`` inside one window each into ``out``, from their ``run_toggles``.
+
+    Like ``masks_from_counts`` but only a window's pixels per mask, on the CPU: each window column
+    starts from the mask's value at its top (the parity of the mask's toggles up to there, by
+    binary search), then steps +1 where the mask turns on and -1 where it turns off (a mask's
+    toggles alternate, starting with on), and a running sum down the column is the mask -- in
+    ``uint8`` too, where -1 wraps to 255 and the sum wraps back.
+
+    Args:
+        toggles: ``run_toggles`` of the image's masks.
+        index: ``[k]`` which masks.
+        ys, xs: ``[k]`` each window's top row and left column.
+        h, w: the image's size.
+        out: ``[k, hb, wb]`` numpy array (uint8 or float, any strides) for the 0/1 masks; the
+            windows lie inside the image.
+
+    Returns:
+        ``out``.
+    """
+    k, hb, wb = out.shape
+    base = index.astype(np.int64) * (h * w)
+    lo, hi = np.searchsorted(toggles, base), np.searchsorted(toggles, base + h * w)
+    top = base[:, None] + (xs[:, None] + np.arange(wb)) * h + ys[:, None]  # [k, wb] each column's top
+    out[:, 0, :] = (np.searchsorted(toggles, top, side="right") - lo[:, None]) & 1  # the value there
+    out[:, 1:, :] = 0
+    owner = np.repeat(np.arange(k), hi - lo)
+    rank = np.arange(owner.size) - np.repeat(np.cumsum(hi - lo) - (hi - lo), hi - lo)  # within its mask
+    pos = toggles[lo[owner] + rank] - base[owner]
+    row, col = pos % h - ys[owner], pos // h - xs[owner]
+    keep = (row > 0) & (row < hb) & (col >= 0) & (col < wb)  # row 0: already in the value at the top
+    out[owner[keep], row[keep], col[keep]] = np.where(rank[keep] % 2 == 0, 1, -1).astype(out.dtype)
+    t = torch.from_numpy(out)
+    torch.cumsum(t, 1, dtype=t.dtype, out=t)  # several times faster than numpy's down a column
+    return out
 
 
 def compose_crops(
@@ -279,7 +457,8 @@ def compose_crops(
 
     The reference composites at full resolution and resamples: ``R(I * m + I * (1 - m) * dim)`` for
     ``"dim"``, ``R(I * m + B * (1 - m))`` for ``"blur"`` (``R`` the resampling, ``B`` the blurred
-    image). Doing that here would need one full-size composite per mask. Instead the image and each
+    image). On a GPU that would need one full-size composite per mask (the CPU path composites
+    each mask's window instead, ``window_crops``). Here the image and each
     mask are resampled separately and combined: ``R(I) * R(m) + R(I) * (1 - R(m)) * dim`` and
     ``R(I) * R(m) + R(B) * (1 - R(m))``. The composite is linear in the mask, so this is exact
     wherever the mask is constant over a bin's sampling footprint -- everywhere but the bins that
@@ -317,6 +496,7 @@ def image_mask_crops(
     dim: float,
     blur_radius: float,
     mask_chunk: int = 32,
+    resample: str = "auto",
 ) -> torch.Tensor:
     """All mask crops of one image, CLIP-normalised, on ``device``.
 
@@ -326,8 +506,12 @@ def image_mask_crops(
         spec: the CLIP transform (``crop_spec``).
         device: where to cut.
         padding, background, dim, blur_radius: as ``embed_mask_crops``.
-        mask_chunk: masks converted to float and resampled at a time (bounds the ``[chunk, H, W]``
-            float32 buffer roi_align needs).
+        mask_chunk: ``"roi_align"``: masks converted to float and resampled at a time (bounds the
+            ``[chunk, H, W]`` float32 buffer roi_align needs).
+        resample: ``"roi_align"`` (``roi_align_crops``: torchvision's kernel on the image and on
+            full-size masks), ``"separable"`` (``window_crops``: per-ROI windows composited at full
+            resolution, then the same resampling as roi_align by matrix products; CPU only) or
+            ``"auto"``: separable on a CPU, roi_align elsewhere.
 
     Returns:
         ``[M, 3, S, S]`` float32 normalised crops, in the order of ``anns``.
@@ -339,30 +523,114 @@ def image_mask_crops(
     if m == 0:
         return torch.zeros((0, 3, s, s), device=device)
     bbox = torch.tensor([[float(v) for v in a["bbox"]] for a in anns], dtype=torch.float64)
-    rois = center_square(crop_boxes_xyxy(bbox, padding, h, w), s, spec.resize_mode)
-    rois = rois.to(device=device, dtype=torch.float32)
+    rois = center_square(crop_boxes_xyxy(bbox, padding, h, w), s, spec.resize_mode).to(torch.float32)
+    if resample == "auto":
+        resample = "separable" if device.type == "cpu" else "roi_align"
+    if resample == "separable":
+        if device.type != "cpu":
+            raise ValueError(f"resample='separable' runs on the CPU, not on {device}")
+        crops = window_crops(image, [a["segmentation"] for a in anns], rois, s, background, dim, blur_radius)
+    elif resample == "roi_align":
+        crops = roi_align_crops(
+            image, anns, rois.to(device), s, device, background, dim, blur_radius, mask_chunk
+        )
+    else:
+        raise ValueError(f"resample must be 'auto', 'separable' or 'roi_align', not {resample!r}")
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
+    return crops.sub_(mean).div_(std)  # crops is this function's own tensor
+
+
+def window_crops(
+    image: np.ndarray,
+    segmentations: Sequence[dict],
+    rois: torch.Tensor,
+    size: int,
+    background: str,
+    dim: float,
+    blur_radius: float,
+) -> torch.Tensor:
+    """Mask crops on the CPU: each ROI's window composited as the reference does, then resampled.
+
+    Each ROI's window of the image (and, for ``"blur"``, of the blurred image) is cut with its mask
+    (``window_masks``), the background applied at full resolution -- the reference's order, which
+    ``compose_crops`` approximates to avoid full-size composites -- and the windows resampled by
+    ``separable_resample``. Windows are cut with numpy (a slice and a stack cost a few times less
+    than torch's copies), in uint8 with the mask as a fourth channel unless the planes are float.
+
+    Args:
+        image: ``[H, W, 3]`` uint8 RGB.
+        segmentations: ``M`` COCO RLEs of the image's size (unused for ``"none"``).
+        rois: ``[M, 4]`` float32 boxes (``center_square``).
+        size: the crops' side.
+        background, dim, blur_radius: as ``embed_mask_crops``.
+
+    Returns:
+        ``[M, 3, size, size]`` float32 crops, 0..255.
+    """
+    h, w = image.shape[:2]
+    toggles = None
+    if background != "none":  # "none" needs no mask at all, only the box
+        toggles = run_toggles(*coco_counts(segmentations, h, w), h, w)
+    if background == "blur":
+        img = torch.from_numpy(image).permute(2, 0, 1).float()
+        src = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0).permute(1, 0, 2).numpy()
+    else:
+        src = image.transpose(0, 2, 1)
+    src = np.ascontiguousarray(src)  # [H, C, W]: a window's rows hold all its channels
+    c = src.shape[1]
+
+    def read(ix, ys, xs, hb, wb):
+        win = np.empty((len(ix), hb, c + (toggles is not None), wb), src.dtype)
+        np.stack(
+            [src[y : y + hb, :, x : x + wb] for y, x in zip(ys.tolist(), xs.tolist(), strict=True)],
+            out=win[:, :, :c],
+        )
+        if toggles is None:
+            return torch.from_numpy(win).float()
+        window_masks(toggles, ix, ys, xs, h, w, win[:, :, c])
+        win = torch.from_numpy(win).float()
+        keep = win[:, :, c:]
+        if background == "dim":
+            return win[:, :, :3] * (dim + (1.0 - dim) * keep)
+        return torch.lerp(win[:, :, 3:6], win[:, :, :3], keep)  # blurred outside, sharp inside
+
+    return separable_resample(rois, size, h, w, read)
+
+
+def roi_align_crops(
+    image: np.ndarray,
+    anns: Sequence[dict],
+    rois: torch.Tensor,
+    size: int,
+    device: torch.device,
+    background: str,
+    dim: float,
+    blur_radius: float,
+    mask_chunk: int,
+) -> torch.Tensor:
+    """Mask crops with ``roi_align`` on ``device``: the image and each mask resampled apart, then
+    combined (``compose_crops``). ``[M, 3, size, size]`` float32, 0..255."""
+    h, w = image.shape[:2]
     img = (
         torch.from_numpy(image if image.flags.writeable else image.copy()).to(device).permute(2, 0, 1).float()
     )  # uint8 over the bus, float there
     planes = img
     if background == "blur":  # image and blurred image resampled in one roi_align, as 6 channels
         planes = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0)
-    res = roi_resample(planes[None], rois, s)  # [M, 3 or 6, S, S]
+    res = roi_resample(planes[None], rois, size)  # [M, 3 or 6, S, S]
     image_rois, blurred_rois = res[:, :3], (res[:, 3:] if background == "blur" else None)
     mask_rois = None
     if background != "none":  # "none" needs no mask at all, only the box
         counts, lengths = coco_counts([a["segmentation"] for a in anns], h, w)
         offsets = np.r_[0, np.cumsum(lengths)]
         chunks = []
-        for i in range(0, m, mask_chunk):
-            j = min(i + mask_chunk, m)
+        for i in range(0, len(anns), mask_chunk):
+            j = min(i + mask_chunk, len(anns))
             masks = masks_from_counts(counts[offsets[i] : offsets[j]], lengths[i:j], h, w, device)
-            chunks.append(resample_masks(masks, rois[i:j], s))
+            chunks.append(resample_masks(masks, rois[i:j], size))
         mask_rois = torch.cat(chunks)
-    crops = compose_crops(image_rois, mask_rois, background, dim, blurred_rois)
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
-    return (crops - mean) / std
+    return compose_crops(image_rois, mask_rois, background, dim, blurred_rois)
 
 
 def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -405,6 +673,7 @@ def embed_mask_crops(
     bf16: bool = False,
     mask_chunk: int = 32,
     encode=None,
+    resample: str = "auto",
 ) -> list[np.ndarray]:
     """CLIP embeddings of every mask crop of a batch of images.
 
@@ -425,6 +694,7 @@ def embed_mask_crops(
         mask_chunk: masks resampled at a time (memory bound, not a result change).
         encode: what runs the image tower (default ``bundle.model.encode_image``; e.g. a
             compiled one).
+        resample: how crops are resampled (``image_mask_crops``); the default picks by device.
 
     Returns:
         Per image a float32 ``[M_i, D]`` array of L2-normalised embeddings, in annotation order
@@ -451,6 +721,7 @@ def embed_mask_crops(
             dim=dim,
             blur_radius=blur_radius,
             mask_chunk=mask_chunk,
+            resample=resample,
         )
         for image, anns in zip(images, annotations, strict=True)
     )
