@@ -64,6 +64,7 @@ from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_images, encode_texts
 
 BACKGROUNDS = ("dim", "blur", "none")
 GROUPS_PER_OCTAVE = 2  # window-size groups per doubling (separable_resample)
+WINDOW_CROPS_AT_ONCE = 256  # CPU: masks of consecutive images cut together (embed_mask_crops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def roi_axis_taps(lo: torch.Tensor, hi: torch.Tensor, size: int, n: int):
 
 
 def tap_matrix(index: torch.Tensor, weight: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
-    """``[K, size, width]`` resampling matrices from ``roi_axis_taps``, column 0 at pixel ``start``.
+    """``[K, size, width]`` resampling matrices from taps (``roi_axis_taps``), column 0 at ``start``.
 
     Every used tap must fall in ``[start, start + width)``; unused ones (weight 0) may not.
     """
@@ -310,48 +311,52 @@ def tap_matrix(index: torch.Tensor, weight: torch.Tensor, start: torch.Tensor, w
     return out.scatter_add_(2, col, weight)
 
 
-def separable_resample(rois_xyxy: torch.Tensor, size: int, h: int, w: int, read) -> torch.Tensor:
+def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> torch.Tensor:
     """What ``roi_resample`` computes, as two small matrix products per ROI (on the CPU).
 
     torchvision's CPU roi_align works sample by sample on one thread (about 40 ns per sample and
     channel on the 2-core machine of ``benchmarks/README.md``). Here each ROI's window of the input
     is read once and resampled with the matrices of ``roi_axis_taps``,
     ``[size, hb] @ [hb, wb] @ [wb, size]`` per channel, batched over ROIs of similar window size
-    (padded to the largest in their group; the padding weighs 0). The matrices are banded and
-    stored dense: at CLIP's crop sizes a dense batched matmul still beats gathering the taps.
+    (padded to the largest in their group; the padding weighs 0), from one image or several. The
+    matrices are banded and stored dense: cutting them into blocks that skip the zeros was tried
+    and saved no time at CLIP's crop sizes (the gathers cost what the multiply-adds saved).
 
     Args:
-        rois_xyxy: ``[K, 4]`` continuous boxes inside an ``h x w`` image.
+        rois_xyxy: ``[K, 4]`` continuous boxes, each inside its image.
         size: output side.
-        h, w: the image's size.
+        h, w: the image's size, or ``[K]`` int arrays: each ROI's image's size.
         read: ``read(index, ys, xs, hb, wb)`` gives the windows ``[k, hb, C, wb]`` (float32,
             contiguous, on the CPU; channels inside rows, so one matrix product serves them all) of
-            the ROIs ``index``: rows ``ys[i] .. ys[i] + hb`` and
-            columns ``xs[i] .. xs[i] + wb`` (``[k]`` int64 arrays), all inside the image.
+            the ROIs ``index``: rows ``ys[i] .. ys[i] + hb`` and columns ``xs[i] .. xs[i] + wb``
+            (``[k]`` int64 arrays) of ROI ``index[i]``'s image, all inside it.
 
     Returns:
         ``[K, C, size, size]`` float32, in ROI order (a view of a ``[K, size, C, size]`` tensor).
     """
     r = rois_xyxy.to(torch.float32)  # roi_align reads its boxes in the image's dtype
     k_all = len(r)
+    h = np.broadcast_to(np.asarray(h, np.int64), (k_all,))
+    w = np.broadcast_to(np.asarray(w, np.int64), (k_all,))
     # both axes in one call: y bounds then x bounds, each with its axis' length
     taps = roi_axis_taps(
-        torch.cat([r[:, 1], r[:, 0]]),
-        torch.cat([r[:, 3], r[:, 2]]),
-        size,
-        torch.tensor([h, w]).repeat_interleave(k_all),
+        torch.cat([r[:, 1], r[:, 0]]), torch.cat([r[:, 3], r[:, 2]]), size, torch.from_numpy(np.r_[h, w])
     )
     iy, ix_ = taps[0][:k_all], taps[0][k_all:]
     wy, wx_ = taps[1][:k_all], taps[1][k_all:]
-    y0, x0, hy, wx = taps[2][:k_all], taps[2][k_all:], taps[3][:k_all], taps[3][k_all:]
-    # group by window size, so that padding a window to its group's largest costs at most ~4x
-    group = torch.ceil(GROUPS_PER_OCTAVE * torch.log2(torch.maximum(hy, wx).to(torch.float32))).numpy()
-    y0, hy, x0, wx = y0.numpy(), hy.numpy(), x0.numpy(), wx.numpy()
+    y0, x0, hy, wx = (v.numpy() for v in (taps[2][:k_all], taps[2][k_all:], taps[3][:k_all], taps[3][k_all:]))
+    # Group by window size (GROUPS_PER_OCTAVE groups per doubling), so that padding a window to
+    # its group's largest costs little. A window padded to its group's size must still fit in
+    # its image: ROIs of images smaller than the group's bound are grouped by image size too.
+    group = np.ceil(GROUPS_PER_OCTAVE * np.log2(np.maximum(hy, wx))).astype(np.int64)
+    bound = np.ceil(2.0 ** (group / GROUPS_PER_OCTAVE)).astype(np.int64)
+    shape = np.unique(h * (int(w.max(initial=0)) + 1) + w, return_inverse=True)[1].reshape(-1)
+    key = group * (k_all + 1) + np.where((h < bound) | (w < bound), shape + 1, 0)
     out = None
-    for g in np.unique(group):
-        ix = np.flatnonzero(group == g)
+    for g in np.unique(key):
+        ix = np.flatnonzero(key == g)
         hb, wb = int(hy[ix].max()), int(wx[ix].max())
-        ys, xs = np.minimum(y0[ix], h - hb), np.minimum(x0[ix], w - wb)  # pad inwards, not past the edge
+        ys, xs = np.minimum(y0[ix], h[ix] - hb), np.minimum(x0[ix], w[ix] - wb)  # pad inwards
         win = read(ix, ys, xs, hb, wb)  # [k, hb, C, wb]
         k, c = len(ix), win.shape[2]
         t = torch.from_numpy(ix)
@@ -408,9 +413,9 @@ def masks_from_counts(counts: np.ndarray, lengths: np.ndarray, h: int, w: int, d
 
 
 def window_masks(
-    toggles: np.ndarray, index: np.ndarray, ys: np.ndarray, xs: np.ndarray, h: int, w: int, out: np.ndarray
+    toggles: np.ndarray, starts: np.ndarray, h: np.ndarray, w: np.ndarray, ys: np.ndarray, xs: np.ndarray, out
 ) -> np.ndarray:
-    """Write masks ``index`` inside one window each into ``out``, from their ``run_toggles``.
+    """Write masks inside one window each into ``out``, from their ``run_toggles``.
 
     Like ``masks_from_counts`` but only a window's pixels per mask, on the CPU: each window column
     starts from the mask's value at its top (the parity of the mask's toggles up to there, by
@@ -419,26 +424,28 @@ def window_masks(
     ``uint8`` too, where -1 wraps to 255 and the sum wraps back.
 
     Args:
-        toggles: ``run_toggles`` of the image's masks.
-        index: ``[k]`` which masks.
+        toggles: sorted keys: ``run_toggles`` of one image's masks, or of several images'
+            concatenated with each image's keys shifted past the previous image's.
+        starts: ``[k]`` the key of each wanted mask's first pixel (``j * h * w`` for mask ``j`` of
+            one image's ``run_toggles``).
+        h, w: ``[k]`` (or scalars) the size of each mask's image.
         ys, xs: ``[k]`` each window's top row and left column.
-        h, w: the image's size.
         out: ``[k, hb, wb]`` numpy array (uint8 or float, any strides) for the 0/1 masks; the
-            windows lie inside the image.
+            windows lie inside the images.
 
     Returns:
         ``out``.
     """
     k, hb, wb = out.shape
-    base = index.astype(np.int64) * (h * w)
-    lo, hi = np.searchsorted(toggles, base), np.searchsorted(toggles, base + h * w)
-    top = base[:, None] + (xs[:, None] + np.arange(wb)) * h + ys[:, None]  # [k, wb] each column's top
+    h, w = np.broadcast_to(h, (k,)), np.broadcast_to(w, (k,))
+    lo, hi = np.searchsorted(toggles, starts), np.searchsorted(toggles, starts + h * w)
+    top = starts[:, None] + (xs[:, None] + np.arange(wb)) * h[:, None] + ys[:, None]  # each column's top
     out[:, 0, :] = (np.searchsorted(toggles, top, side="right") - lo[:, None]) & 1  # the value there
     out[:, 1:, :] = 0
     owner = np.repeat(np.arange(k), hi - lo)
     rank = np.arange(owner.size) - np.repeat(np.cumsum(hi - lo) - (hi - lo), hi - lo)  # within its mask
-    pos = toggles[lo[owner] + rank] - base[owner]
-    row, col = pos % h - ys[owner], pos // h - xs[owner]
+    pos = toggles[lo[owner] + rank] - starts[owner]
+    row, col = pos % h[owner] - ys[owner], pos // h[owner] - xs[owner]
     keep = (row > 0) & (row < hb) & (col >= 0) & (col < wb)  # row 0: already in the value at the top
     out[owner[keep], row[keep], col[keep]] = np.where(rank[keep] % 2 == 0, 1, -1).astype(out.dtype)
     t = torch.from_numpy(out)
@@ -516,35 +523,53 @@ def image_mask_crops(
     Returns:
         ``[M, 3, S, S]`` float32 normalised crops, in the order of ``anns``.
     """
+    resample = resample_for(resample, device)
+    rois = crop_rois(image, anns, spec, padding)
+    if resample == "separable":
+        segs = [[a["segmentation"] for a in anns]]
+        crops = window_crops([image], segs, [rois], spec.size, background, dim, blur_radius)
+    else:
+        crops = roi_align_crops(
+            image, anns, rois.to(device), spec.size, device, background, dim, blur_radius, mask_chunk
+        )
+    return normalise(crops, spec)
+
+
+def resample_for(resample: str, device: torch.device) -> str:
+    """``"auto"`` made ``"separable"`` on a CPU and ``"roi_align"`` elsewhere; checks the others."""
+    if resample == "auto":
+        return "separable" if device.type == "cpu" else "roi_align"
+    if resample not in ("separable", "roi_align"):
+        raise ValueError(f"resample must be 'auto', 'separable' or 'roi_align', not {resample!r}")
+    if resample == "separable" and device.type != "cpu":
+        raise ValueError(f"resample='separable' runs on the CPU, not on {device}")
+    return resample
+
+
+def crop_rois(image: np.ndarray, anns: Sequence[dict], spec: CropSpec, padding: float) -> torch.Tensor:
+    """``[M, 4]`` float32: the region of the image each annotation's crop shows (``center_square``).
+
+    Raises:
+        ValueError: an image that is not ``[H, W, 3]`` uint8.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be HxWx3 uint8, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
-    s, m = spec.size, len(anns)
-    if m == 0:
-        return torch.zeros((0, 3, s, s), device=device)
-    bbox = torch.tensor([[float(v) for v in a["bbox"]] for a in anns], dtype=torch.float64)
-    rois = center_square(crop_boxes_xyxy(bbox, padding, h, w), s, spec.resize_mode).to(torch.float32)
-    if resample == "auto":
-        resample = "separable" if device.type == "cpu" else "roi_align"
-    if resample == "separable":
-        if device.type != "cpu":
-            raise ValueError(f"resample='separable' runs on the CPU, not on {device}")
-        crops = window_crops(image, [a["segmentation"] for a in anns], rois, s, background, dim, blur_radius)
-    elif resample == "roi_align":
-        crops = roi_align_crops(
-            image, anns, rois.to(device), s, device, background, dim, blur_radius, mask_chunk
-        )
-    else:
-        raise ValueError(f"resample must be 'auto', 'separable' or 'roi_align', not {resample!r}")
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
-    return crops.sub_(mean).div_(std)  # crops is this function's own tensor
+    bbox = torch.tensor([[float(v) for v in a["bbox"]] for a in anns], dtype=torch.float64).view(-1, 4)
+    return center_square(crop_boxes_xyxy(bbox, padding, h, w), spec.size, spec.resize_mode).to(torch.float32)
+
+
+def normalise(crops: torch.Tensor, spec: CropSpec) -> torch.Tensor:
+    """CLIP's normalisation of 0..255 crops, in place."""
+    mean = torch.tensor(spec.mean, device=crops.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=crops.device).view(1, 3, 1, 1) * 255.0
+    return crops.sub_(mean).div_(std)
 
 
 def window_crops(
-    image: np.ndarray,
-    segmentations: Sequence[dict],
-    rois: torch.Tensor,
+    images: Sequence[np.ndarray],
+    segmentations: Sequence[Sequence[dict]],
+    rois: Sequence[torch.Tensor],
     size: int,
     background: str,
     dim: float,
@@ -552,50 +577,73 @@ def window_crops(
 ) -> torch.Tensor:
     """Mask crops on the CPU: each ROI's window composited as the reference does, then resampled.
 
-    Each ROI's window of the image (and, for ``"blur"``, of the blurred image) is cut with its mask
+    Each ROI's window of its image (and, for ``"blur"``, of the blurred image) is cut with its mask
     (``window_masks``), the background applied at full resolution -- the reference's order, which
-    ``compose_crops`` approximates to avoid full-size composites -- and the windows resampled by
-    ``separable_resample``. Windows are cut with numpy (a slice and a stack cost a few times less
-    than torch's copies), in uint8 with the mask as a fourth channel unless the planes are float.
+    ``compose_crops`` approximates to avoid full-size composites -- and the windows of all the
+    images resampled together by ``separable_resample`` (fewer, fuller matrix products than image
+    by image). Windows are cut with numpy (a slice and a stack cost a few times less than torch's
+    copies), in uint8 with the mask as one more channel unless the planes are float.
 
     Args:
-        image: ``[H, W, 3]`` uint8 RGB.
-        segmentations: ``M`` COCO RLEs of the image's size (unused for ``"none"``).
-        rois: ``[M, 4]`` float32 boxes (``center_square``).
+        images: ``N`` images ``[H_i, W_i, 3]`` uint8 RGB.
+        segmentations: per image its ``M_i`` COCO RLEs (unused for ``"none"``).
+        rois: per image ``[M_i, 4]`` float32 boxes (``center_square``).
         size: the crops' side.
         background, dim, blur_radius: as ``embed_mask_crops``.
 
     Returns:
-        ``[M, 3, size, size]`` float32 crops, 0..255.
+        ``[sum M_i, 3, size, size]`` float32 crops, 0..255, image after image.
     """
-    h, w = image.shape[:2]
-    toggles = None
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
+    m = np.array([len(r) for r in rois], np.int64)
+    sizes = np.array([im.shape[:2] for im in images], np.int64).reshape(-1, 2)
+    owner = np.repeat(np.arange(len(images)), m)
+    h, w = sizes[owner, 0], sizes[owner, 1]
+    srcs, toggles, starts = [], None, None
+    for image in images:
+        if background == "blur":
+            img = torch.from_numpy(image).permute(2, 0, 1).float()
+            src = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0).permute(1, 0, 2).numpy()
+        else:
+            src = image.transpose(0, 2, 1)
+        srcs.append(np.ascontiguousarray(src))  # [H, C, W]: a window's rows hold all its channels
     if background != "none":  # "none" needs no mask at all, only the box
-        toggles = run_toggles(*coco_counts(segmentations, h, w), h, w)
-    if background == "blur":
-        img = torch.from_numpy(image).permute(2, 0, 1).float()
-        src = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0).permute(1, 0, 2).numpy()
-    else:
-        src = image.transpose(0, 2, 1)
-    src = np.ascontiguousarray(src)  # [H, C, W]: a window's rows hold all its channels
-    c = src.shape[1]
+        area = sizes[:, 0] * sizes[:, 1]
+        shift = np.cumsum(m * area) - m * area  # each image's keys after the previous image's
+        toggles = np.concatenate(
+            [np.zeros(0, np.int64)]
+            + [
+                run_toggles(*coco_counts(segs, hh, ww), hh, ww) + s
+                for segs, (hh, ww), s in zip(segmentations, sizes.tolist(), shift.tolist(), strict=True)
+            ]
+        )
+        local = np.arange(len(owner)) - np.repeat(np.cumsum(m) - m, m)  # each mask's index in its image
+        starts = shift[owner] + local * area[owner]
+    c = 6 if background == "blur" else 3
+    dtype = np.float32 if background == "blur" else np.uint8
 
     def read(ix, ys, xs, hb, wb):
-        win = np.empty((len(ix), hb, c + (toggles is not None), wb), src.dtype)
+        win = np.empty((len(ix), hb, c + (toggles is not None), wb), dtype)
         np.stack(
-            [src[y : y + hb, :, x : x + wb] for y, x in zip(ys.tolist(), xs.tolist(), strict=True)],
+            [
+                srcs[i][y : y + hb, :, x : x + wb]
+                for i, y, x in zip(owner[ix].tolist(), ys.tolist(), xs.tolist(), strict=True)
+            ],
             out=win[:, :, :c],
         )
+        t = torch.from_numpy(win)
         if toggles is None:
-            return torch.from_numpy(win).float()
-        window_masks(toggles, ix, ys, xs, h, w, win[:, :, c])
-        win = torch.from_numpy(win).float()
-        keep = win[:, :, c:]
-        if background == "dim":
-            return win[:, :, :3] * (dim + (1.0 - dim) * keep)
-        return torch.lerp(win[:, :, 3:6], win[:, :, :3], keep)  # blurred outside, sharp inside
+            return t.float()
+        window_masks(toggles, starts[ix], h[ix], w[ix], ys, xs, win[:, :, c])
+        keep = t[:, :, c:].float()
+        if background == "dim":  # the reference's I * m + I * (1 - m) * dim, made float in the product
+            return t[:, :, :3] * keep.mul_(1.0 - dim).add_(dim)
+        return torch.lerp(t[:, :, 3:6], t[:, :, :3], keep)  # blurred outside, sharp inside
 
-    return separable_resample(rois, size, h, w, read)
+    if not len(owner):
+        return torch.zeros(0, 3, size, size)
+    return separable_resample(torch.cat(list(rois)), size, h, w, read)
 
 
 def roi_align_crops(
@@ -618,6 +666,8 @@ def roi_align_crops(
     planes = img
     if background == "blur":  # image and blurred image resampled in one roi_align, as 6 channels
         planes = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0)
+    if len(anns) == 0:
+        return torch.zeros((0, 3, size, size), device=device)
     res = roi_resample(planes[None], rois, size)  # [M, 3 or 6, S, S]
     image_rois, blurred_rois = res[:, :3], (res[:, 3:] if background == "blur" else None)
     mask_rois = None
@@ -631,6 +681,20 @@ def roi_align_crops(
             chunks.append(resample_masks(masks, rois[i:j], size))
         mask_rois = torch.cat(chunks)
     return compose_crops(image_rois, mask_rois, background, dim, blurred_rois)
+
+
+def image_chunks(masks_per_image: Sequence[int], at_most: int) -> Iterator[list[int]]:
+    """Consecutive runs of image indices with at most ``at_most`` masks in all (an image with more
+    comes alone), so that cutting a run's crops at once bounds their memory."""
+    run, n = [], 0
+    for i, m in enumerate(masks_per_image):
+        if run and n + m > at_most:
+            yield run
+            run, n = [], 0
+        run.append(i)
+        n += m
+    if run:
+        yield run
 
 
 def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -710,21 +774,38 @@ def embed_mask_crops(
         raise ValueError(f"{len(images)} images but {len(annotations)} annotation lists")
     spec = crop_spec(bundle)
     device = next(bundle.model.parameters()).device
-    crops = (
-        image_mask_crops(
-            image,
-            anns,
-            spec,
-            device,
-            padding=padding,
-            background=background,
-            dim=dim,
-            blur_radius=blur_radius,
-            mask_chunk=mask_chunk,
-            resample=resample,
+    if resample_for(resample, device) == "separable":  # a CPU: several images' windows at once
+        crops = (
+            normalise(
+                window_crops(
+                    [images[i] for i in chunk],
+                    [[a["segmentation"] for a in annotations[i]] for i in chunk],
+                    [crop_rois(images[i], annotations[i], spec, padding) for i in chunk],
+                    spec.size,
+                    background,
+                    dim,
+                    blur_radius,
+                ),
+                spec,
+            )
+            for chunk in image_chunks([len(a) for a in annotations], max(batch_size, WINDOW_CROPS_AT_ONCE))
         )
-        for image, anns in zip(images, annotations, strict=True)
-    )
+    else:
+        crops = (
+            image_mask_crops(
+                image,
+                anns,
+                spec,
+                device,
+                padding=padding,
+                background=background,
+                dim=dim,
+                blur_radius=blur_radius,
+                mask_chunk=mask_chunk,
+                resample=resample,
+            )
+            for image, anns in zip(images, annotations, strict=True)
+        )
     embs = [encode_images(bundle, batch, bf16, encode) for batch in rebatch(crops, batch_size)]
     counts = [len(a) for a in annotations]
     if not counts:

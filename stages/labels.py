@@ -62,18 +62,35 @@ def choose_labels(
 ) -> list[tuple[str | None, float, list[dict]]]:
     """Per mask: (label or None, score, top-k candidates) from softmax scores ``[M, n_cand + n_bg]``.
 
-    Columns ``[:n_candidates]`` are candidates, the rest background labels.
+    Columns ``[:n_candidates]`` are candidates, the rest background labels. The label is the best
+    column when it is a candidate, scores at least ``score_threshold`` and beats the runner-up by
+    at least ``margin_threshold``; the score is then its score, else the best candidate's. Ties go
+    to the lower column. Sorted for all masks at once; only the output is built row by row.
     """
+    scores = np.asarray(scores)
+    m, n = scores.shape
+    rows = np.arange(m)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    top = scores[rows, order[:, 0]] if n else np.zeros(m, scores.dtype)
+    margin = (top - scores[rows, order[:, 1]]) if n > 1 else top
+    ok = (
+        (order[:, 0] < n_candidates)
+        & (top >= score_threshold)
+        & (margin.astype(np.float64) >= margin_threshold)
+    )
+    cand = np.argsort(-scores[:, :n_candidates], axis=1, kind="stable")[:, :top_k]
+    score = np.where(ok, top, scores[rows, cand[:, 0]] if n_candidates else 0.0)
     out = []
-    for row in scores:
-        order = np.argsort(-row)
-        best, second = order[0], (order[1] if len(order) > 1 else None)
-        cand_order = [j for j in order if j < n_candidates][:top_k]
-        topk = [{"label": names[j], "score": round(float(row[j]), 4)} for j in cand_order]
-        margin = float(row[best] - row[second]) if second is not None else float(row[best])
-        ok = best < n_candidates and row[best] >= score_threshold and margin >= margin_threshold
-        score = float(row[best]) if ok else (float(row[cand_order[0]]) if cand_order else 0.0)
-        out.append((names[best] if ok else None, round(score, 4), topk))
+    for best, good, value, idx, vals in zip(
+        order[:, 0].tolist(),
+        ok.tolist(),
+        score.tolist(),
+        cand.tolist(),
+        scores[rows[:, None], cand].tolist(),
+        strict=True,
+    ):
+        topk = [{"label": names[j], "score": round(v, 4)} for j, v in zip(idx, vals, strict=True)]
+        out.append((names[best] if good else None, round(value, 4), topk))
     return out
 
 

@@ -258,7 +258,7 @@ def test_window_masks_are_windows_of_the_masks():
                 index = rng.integers(0, len(masks), 6)
                 ys, xs = rng.integers(0, h - hb + 1, 6), rng.integers(0, w - wb + 1, 6)
                 buf = np.full((6, hb, 3, wb), 9, dtype)  # the masks go to channel 1 of 3
-                le.window_masks(toggles, index, ys, xs, h, w, buf[:, :, 1])
+                le.window_masks(toggles, index * h * w, h, w, ys, xs, buf[:, :, 1])
                 for i, (j, y, x) in enumerate(zip(index, ys, xs, strict=True)):
                     np.testing.assert_array_equal(buf[i, :, 1], masks[j][y : y + hb, x : x + wb])
                 assert (buf[:, :, [0, 2]] == 9).all()
@@ -286,7 +286,7 @@ def test_cpu_crops_are_roi_align_of_the_full_size_composite(clip, photos, backgr
             full = img[None].expand(len(anns), -1, -1, -1).contiguous()
         exact = le.roi_resample(full, rois, spec.size, torch.arange(len(anns)))
         segs = [a["segmentation"] for a in anns]
-        ours = le.window_crops(image, segs, rois, spec.size, background, DIM, BLUR)
+        ours = le.window_crops([image], [segs], [rois], spec.size, background, DIM, BLUR)
         torch.testing.assert_close(ours, exact, atol=2e-3, rtol=1e-5)
         gpu = le.roi_align_crops(image, anns, rois, spec.size, torch.device("cpu"), background, DIM, BLUR, 32)
         assert (gpu - exact).abs().mean((1, 2, 3)).max() < 3.5  # compose_crops' bound, below
@@ -401,15 +401,34 @@ def test_separate_mask_resampling_is_close_to_resampling_the_full_composite(clip
 # Batching and edge cases
 
 
-def test_several_images_in_one_call_equal_one_at_a_time(clip, photos):
+@pytest.mark.parametrize("background", ["dim", "blur"])
+def test_several_images_in_one_call_equal_one_at_a_time(clip, photos, background):
+    """On a CPU the windows of several images are resampled together (grouped by window size
+    across images); a tiny image among large ones keeps its windows inside it."""
     images, annotations = photos
-    kw = dict(padding=PADDING, background="blur", dim=DIM, blur_radius=BLUR)
+    tiny = data.coffee()[100:124, 200:240].copy()  # 24 x 40: smaller than the photos' windows
+    tiny_anns = [to_ann(m) for m in photo_masks(tiny) if m.any()]
+    images, annotations = [images[0], tiny, *images[1:]], [annotations[0], tiny_anns, *annotations[1:]]
+    kw = dict(padding=PADDING, background=background, dim=DIM, blur_radius=BLUR)
     together = le.embed_mask_crops(clip, images, annotations, batch_size=5, **kw)  # batches straddle images
     for image, anns, emb in zip(images, annotations, together, strict=True):
         alone = le.embed_mask_crops(clip, [image], [anns], batch_size=64, **kw)[0]
         assert emb.shape == (len(anns), clip.embed_dim) and emb.dtype == np.float32
         np.testing.assert_allclose(emb, alone, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    spec = le.crop_spec(clip)
+    rois = [le.crop_rois(im, a, spec, PADDING) for im, a in zip(images, annotations, strict=True)]
+    segs = [[x["segmentation"] for x in a] for a in annotations]
+    at_once = le.window_crops(images, segs, rois, spec.size, background, DIM, BLUR)
+    one_by_one = torch.cat(
+        [
+            le.window_crops([im], [sg], [r], spec.size, background, DIM, BLUR)
+            for im, sg, r in zip(images, segs, rois, strict=True)
+        ]
+    )
+    torch.testing.assert_close(at_once, one_by_one, atol=1e-3, rtol=1e-5)
+    assert list(le.image_chunks([3, 0, 5, 2, 7], 7)) == [[0, 1], [2, 3], [4]]  # 3+0, 5+2, 7
+    assert list(le.image_chunks([9, 1], 4)) == [[0], [1]]  # an image over the bound comes alone
 
 
 @pytest.mark.parametrize("resample", ["separable", "roi_align"])
