@@ -50,7 +50,7 @@ step 0 && timeout 200 python3 "$REPO/benchmarks/profile_masks.py" --device cuda 
 #    shipped and as $PATHS, and the pipeline's stages over $PIPE photos; the host's profile of one
 #    more label-path pass. The reference masks engine with vit_h takes minutes.
 step 1 && timeout 280 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_h:ViT-L-14 --skip-reference-masks \
-    --images 16 --batch 8 --batched-points-per-batch 512 --clip-batch 256 --iou-keep-share 0.2 \
+    --images 16 --batch 8 --batched-points-per-batch 512 --clip-batch 256 --iou-keep-share 0.2 --labels-repeat 1 \
     --label-path-variants $PATHS --pipeline "$PIPE" --profile "$OUT/engine_vit_h_prof.txt" \
     --out "$OUT/engine_vit_h.json" 2>&1 | tee "$OUT/engine_vit_h.log" | grep -v -i warn | tail -60
 
@@ -60,12 +60,12 @@ step 2 && timeout 150 python3 "$REPO/benchmarks/bench_model.py" --device cuda --
 
 # 3. the same at thresholds 0/0 (every decoded mask is upscaled: the worst case)
 step 3 && timeout 100 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_h:ViT-L-14 --skip-reference-masks \
-    --images 16 --batch 8 --batched-points-per-batch 512 --clip-batch 256 \
+    --images 16 --batch 8 --batched-points-per-batch 512 --clip-batch 256 --labels-repeat 1 \
     --out "$OUT/engine_vit_h_t0.json" 2>&1 | grep -v -i warn | tail -40
 
 # 4. vit_b + ViT-B-32: both engines side by side, masks and labels (20% of masks pass)
 step 4 && timeout 150 python3 "$REPO/benchmarks/bench_engine.py" --device cuda --setups vit_b:ViT-B-32 --iou-keep-share 0.2 \
-    --images 4 --batch 4 --points-per-batch 64 --batched-points-per-batch 512 --clip-batch 256 \
+    --images 4 --batch 4 --points-per-batch 64 --batched-points-per-batch 512 --clip-batch 256 --labels-repeat 1 \
     --out "$OUT/engine_vit_b.json" 2>&1 | grep -v -i warn | tail -40
 
 # 5. SAM's input resize: PIL on the host + upload against a pinned upload and resize on the device

@@ -368,7 +368,7 @@ def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> torch.
             res = torch.bmm(ay, torch.bmm(win.view(k, hb * c, wb), ax).view(k, hb, c * size))
         if out is None:
             out = torch.empty(k_all, size, c, size)
-        out.index_copy_(0, t, res.view(k, size, c, size))
+        out[t] = res.view(k, size, c, size)
     if out is None:
         return torch.zeros(0, 1, size, size)
     return out.permute(0, 2, 1, 3)
