@@ -70,6 +70,16 @@ def photo_masks(image: np.ndarray) -> list[np.ndarray]:
     ]
 
 
+def mask_zoo(rng: np.random.Generator, h: int, w: int, sparse: float) -> list[np.ndarray]:
+    """Empty, full, half-noise (thousands of runs) and ``sparse``-noise uint8 masks."""
+    return [
+        np.zeros((h, w), np.uint8),
+        np.ones((h, w), np.uint8),
+        (rng.random((h, w)) < 0.5).astype(np.uint8),
+        (rng.random((h, w)) < sparse).astype(np.uint8),
+    ]
+
+
 @pytest.fixture(scope="module")
 def clip():
     return load_clip(SMOKE_CLIP, None, seed=0, device="cpu")
@@ -244,12 +254,7 @@ def test_window_masks_are_windows_of_the_masks():
     windows of the whole masks, in uint8 (where -1 wraps) and float, into a strided buffer."""
     rng = np.random.default_rng(3)
     for h, w in [(1, 1), (7, 5), (60, 45)]:
-        masks = [
-            np.zeros((h, w), np.uint8),
-            np.ones((h, w), np.uint8),
-            (rng.random((h, w)) < 0.5).astype(np.uint8),
-            (rng.random((h, w)) < 0.02).astype(np.uint8),
-        ]
+        masks = mask_zoo(rng, h, w, 0.02)
         counts, lengths = coco_counts([to_ann(m)["segmentation"] for m in masks], h, w)
         toggles = le.run_toggles(counts, lengths, h, w)
         for dtype in (np.uint8, np.float32):
@@ -300,12 +305,7 @@ def test_masks_built_on_the_device_from_run_lengths_are_pycocotools_masks():
     uncompressed RLE among compressed ones."""
     rng = np.random.default_rng(0)
     for h, w in [(1, 1), (7, 5), (300, 451)]:
-        masks = [
-            np.zeros((h, w), np.uint8),
-            np.ones((h, w), np.uint8),
-            (rng.random((h, w)) < 0.5).astype(np.uint8),
-            (rng.random((h, w)) < 0.002).astype(np.uint8),
-        ]
+        masks = mask_zoo(rng, h, w, 0.002)
         masks[3][-1, -1] = 1  # a mask that ends on a 1
         segs = [to_ann(m)["segmentation"] for m in masks] + [{"size": [h, w], "counts": [0, h * w]}]
         counts, lengths = coco_counts(segs, h, w)
