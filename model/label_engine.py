@@ -65,6 +65,7 @@ from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_images, encode_texts
 BACKGROUNDS = ("dim", "blur", "none")
 GROUPS_PER_OCTAVE = 2  # window-size groups per doubling (separable_resample)
 WINDOW_CROPS_AT_ONCE = 256  # CPU: masks of consecutive images cut together (embed_mask_crops)
+WINDOW_PIXELS_AT_ONCE = 1 << 22  # CPU: window pixels resampled in one call (~32 bytes each at most)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,21 +355,23 @@ def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> torch.
     key = group * (k_all + 1) + np.where((h < bound) | (w < bound), shape + 1, 0)
     out = None
     for g in np.unique(key):
-        ix = np.flatnonzero(key == g)
-        hb, wb = int(hy[ix].max()), int(wx[ix].max())
-        ys, xs = np.minimum(y0[ix], h[ix] - hb), np.minimum(x0[ix], w[ix] - wb)  # pad inwards
-        win = read(ix, ys, xs, hb, wb)  # [k, hb, C, wb]
-        k, c = len(ix), win.shape[2]
-        t = torch.from_numpy(ix)
-        ay = tap_matrix(iy[t], wy[t], torch.from_numpy(ys), hb)  # [k, S, hb]
-        ax = tap_matrix(ix_[t], wx_[t], torch.from_numpy(xs), wb).transpose(1, 2)  # [k, wb, S]
-        if wb <= hb:  # rows first: C*S*wb*(hb + S) multiply-adds, else C*S*hb*(wb + S)
-            res = torch.bmm(torch.bmm(ay, win.view(k, hb, c * wb)).view(k, size * c, wb), ax)
-        else:
-            res = torch.bmm(ay, torch.bmm(win.view(k, hb * c, wb), ax).view(k, hb, c * size))
-        if out is None:
-            out = torch.empty(k_all, size, c, size)
-        out[t] = res.view(k, size, c, size)
+        group_ix = np.flatnonzero(key == g)
+        hb, wb = int(hy[group_ix].max()), int(wx[group_ix].max())
+        per_call = max(1, WINDOW_PIXELS_AT_ONCE // (hb * wb))  # bounds the windows' memory
+        for ix in np.array_split(group_ix, -(-len(group_ix) // per_call)):
+            ys, xs = np.minimum(y0[ix], h[ix] - hb), np.minimum(x0[ix], w[ix] - wb)  # pad inwards
+            win = read(ix, ys, xs, hb, wb)  # [k, hb, C, wb]
+            k, c = len(ix), win.shape[2]
+            t = torch.from_numpy(ix)
+            ay = tap_matrix(iy[t], wy[t], torch.from_numpy(ys), hb)  # [k, S, hb]
+            ax = tap_matrix(ix_[t], wx_[t], torch.from_numpy(xs), wb).transpose(1, 2)  # [k, wb, S]
+            if wb <= hb:  # rows first: C*S*wb*(hb + S) multiply-adds, else C*S*hb*(wb + S)
+                res = torch.bmm(torch.bmm(ay, win.view(k, hb, c * wb)).view(k, size * c, wb), ax)
+            else:
+                res = torch.bmm(ay, torch.bmm(win.view(k, hb * c, wb), ax).view(k, hb, c * size))
+            if out is None:
+                out = torch.empty(k_all, size, c, size)
+            out[t] = res.view(k, size, c, size)
     if out is None:
         return torch.zeros(0, 1, size, size)
     return out.permute(0, 2, 1, 3)
@@ -597,6 +600,8 @@ def window_crops(
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
     m = np.array([len(r) for r in rois], np.int64)
+    if not m.sum():
+        return torch.zeros(0, 3, size, size)
     sizes = np.array([im.shape[:2] for im in images], np.int64).reshape(-1, 2)
     owner = np.repeat(np.arange(len(images)), m)
     h, w = sizes[owner, 0], sizes[owner, 1]
@@ -641,8 +646,6 @@ def window_crops(
             return t[:, :, :3] * keep.mul_(1.0 - dim).add_(dim)
         return torch.lerp(t[:, :, 3:6], t[:, :, :3], keep)  # blurred outside, sharp inside
 
-    if not len(owner):
-        return torch.zeros(0, 3, size, size)
     return separable_resample(torch.cat(list(rois)), size, h, w, read)
 
 

@@ -220,7 +220,7 @@ def test_decode_rles_decodes_in_order():
 @pytest.mark.parametrize(
     "h, w, size", [(256, 190, 64), (37, 53, 64), (300, 451, 24), (1, 1, 8), (2, 700, 16)]
 )
-def test_separable_resampling_is_roi_align(h, w, size):
+def test_separable_resampling_is_roi_align(h, w, size, monkeypatch):
     """separable_resample builds roi_align's sampling as matrices: the same output up to float
     rounding, for ROIs that shrink (several samples per bin), enlarge, straddle the border, sit on
     the last pixel, are under a pixel or are long and thin."""
@@ -246,6 +246,8 @@ def test_separable_resampling_is_roi_align(h, w, size):
     ours = le.separable_resample(rois, size, h, w, read)
     assert ours.shape == ref.shape == (len(rois), 5, size, size)
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-5)  # 0..255 values
+    monkeypatch.setattr(le, "WINDOW_PIXELS_AT_ONCE", 1)  # each window in a call of its own
+    torch.testing.assert_close(le.separable_resample(rois, size, h, w, read), ref, atol=2e-3, rtol=1e-5)
     assert le.separable_resample(torch.zeros(0, 4), size, h, w, read).shape == (0, 1, size, size)
 
 
