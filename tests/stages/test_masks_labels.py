@@ -101,6 +101,37 @@ def test_choose_labels_thresholds_margin_and_background():
     assert picks[3][0] is None  # below the score threshold
 
 
+def test_choose_labels_for_all_masks_at_once_is_the_row_by_row_rule():
+    """The vectorised choice against the rule written out row by row, on random scores with exact
+    ties (the lower column wins), one candidate or many, with and without background labels."""
+
+    def by_row(scores, names, n_cand, top_k, score_thr, margin_thr):
+        out = []
+        for row in scores:
+            order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+            best = order[0]
+            cands = [j for j in order if j < n_cand][:top_k]
+            margin = float(row[best] - row[order[1]]) if len(order) > 1 else float(row[best])
+            ok = best < n_cand and row[best] >= score_thr and margin >= margin_thr
+            score = float(row[best]) if ok else float(row[cands[0]])
+            topk = [{"label": names[j], "score": round(float(row[j]), 4)} for j in cands]
+            out.append((names[best] if ok else None, round(score, 4), topk))
+        return out
+
+    rng = np.random.default_rng(0)
+    for n_cand, n_bg in [(1, 3), (5, 3), (30, 3), (2, 0)]:
+        names = [f"label{j}" for j in range(n_cand + n_bg)]
+        logits = rng.normal(size=(40, n_cand + n_bg)) * rng.choice([0.1, 3.0], size=(40, 1))
+        logits[:10, -1] = logits[:10, 0]  # ties between the first and the last column
+        probs = np.exp(logits)
+        probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+        for thresholds in [(0.3, 0.05), (0.0, 0.0), (0.9, 0.5)]:
+            assert choose_labels(probs, names, n_cand, 3, *thresholds) == by_row(
+                probs, names, n_cand, 3, *thresholds
+            )
+    assert choose_labels(np.zeros((0, 4), np.float32), names[:4], 2, 3, 0.3, 0.05) == []
+
+
 def test_crop_dims_outside_the_mask_only():
     img = np.full((20, 20, 3), 200, np.uint8)
     mask = np.zeros((20, 20), bool)
