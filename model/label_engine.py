@@ -526,15 +526,33 @@ def image_mask_crops(
     Returns:
         ``[M, 3, S, S]`` float32 normalised crops, in the order of ``anns``.
     """
-    resample = resample_for(resample, device)
-    rois = crop_rois(image, anns, spec, padding)
-    if resample == "separable":
-        segs = [[a["segmentation"] for a in anns]]
-        crops = window_crops([image], segs, [rois], spec.size, background, dim, blur_radius)
-    else:
-        crops = roi_align_crops(
-            image, anns, rois.to(device), spec.size, device, background, dim, blur_radius, mask_chunk
-        )
+    if resample_for(resample, device) == "separable":
+        return cpu_mask_crops([image], [anns], spec, padding, background, dim, blur_radius)
+    rois = crop_rois(image, anns, spec, padding).to(device)
+    crops = roi_align_crops(image, anns, rois, spec.size, device, background, dim, blur_radius, mask_chunk)
+    return normalise(crops, spec)
+
+
+def cpu_mask_crops(
+    images: Sequence[np.ndarray],
+    annotations: Sequence[Sequence[dict]],
+    spec: CropSpec,
+    padding: float,
+    background: str,
+    dim: float,
+    blur_radius: float,
+) -> torch.Tensor:
+    """The CLIP-normalised crops of several images' masks, cut together (``window_crops``), on the
+    CPU: ``[sum M_i, 3, S, S]``, image after image."""
+    crops = window_crops(
+        images,
+        [[a["segmentation"] for a in anns] for anns in annotations],
+        [crop_rois(image, anns, spec, padding) for image, anns in zip(images, annotations, strict=True)],
+        spec.size,
+        background,
+        dim,
+        blur_radius,
+    )
     return normalise(crops, spec)
 
 
@@ -779,17 +797,14 @@ def embed_mask_crops(
     device = next(bundle.model.parameters()).device
     if resample_for(resample, device) == "separable":  # a CPU: several images' windows at once
         crops = (
-            normalise(
-                window_crops(
-                    [images[i] for i in chunk],
-                    [[a["segmentation"] for a in annotations[i]] for i in chunk],
-                    [crop_rois(images[i], annotations[i], spec, padding) for i in chunk],
-                    spec.size,
-                    background,
-                    dim,
-                    blur_radius,
-                ),
+            cpu_mask_crops(
+                [images[i] for i in chunk],
+                [annotations[i] for i in chunk],
                 spec,
+                padding,
+                background,
+                dim,
+                blur_radius,
             )
             for chunk in image_chunks([len(a) for a in annotations], max(batch_size, WINDOW_CROPS_AT_ONCE))
         )
