@@ -1,9 +1,13 @@
 """The one place a device name (``auto``, ``cpu``, ``cuda``, ``cuda:1``) becomes a torch device;
-and :class:`CompiledOrEager`, a compiled function that falls back to its eager self."""
+:class:`CompiledOrEager`, a compiled function that falls back to its eager self; and
+:func:`keep_freed_memory`, the C allocator's setting for the batched engines on a CPU."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
 
 import torch
 
@@ -51,3 +55,41 @@ class CompiledOrEager:
             log.warning("torch.compile of %s failed, running it eagerly: %s", self.what, str(e)[:300])
             self.fn = self.eager
             return self.fn(*args, **kwargs)
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_ENV = "SSAM_KEEP_FREED_MEMORY"
+_kept: bool | None = None
+
+
+def keep_freed_memory(mmap_mib: int = 64, trim_mib: int = 256) -> bool:
+    """Let glibc's malloc keep freed buffers for reuse instead of handing them back to the kernel.
+
+    The batched engines on a CPU allocate buffers of several MB per batch (mask windows, crops,
+    activations). By default glibc serves large buffers with fresh ``mmap`` pages or gives freed
+    heap back once much of it is free, so every batch pays a page fault per 4 KiB it touches
+    first: about 1,450 faults and 3-4 ms per image of the CPU labels stage on the machine of
+    ``benchmarks/README.md`` (a third of the crops' time). Here buffers under ``mmap_mib`` come from
+    the heap and up to ``trim_mib`` of freed heap is kept, so the next batch reuses the same pages
+    (what PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc). The cost is that
+    the process keeps up to ``trim_mib`` of freed memory.
+
+    Process-wide and done once; off with ``SSAM_KEEP_FREED_MEMORY=0``; a no-op where the C library
+    has no ``mallopt`` (not glibc).
+
+    Returns:
+        Whether the setting is in effect.
+    """
+    global _kept
+    if _kept is None:
+        _kept = False
+        if os.environ.get(KEEP_FREED_ENV, "1") != "0":
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            mallopt = getattr(libc, "mallopt", None)
+            if mallopt is not None and hasattr(libc, "gnu_get_libc_version"):
+                _kept = bool(mallopt(M_MMAP_THRESHOLD, mmap_mib << 20)) and bool(
+                    mallopt(M_TRIM_THRESHOLD, trim_mib << 20)
+                )
+        log.debug("keep freed memory: %s", _kept)
+    return _kept

@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 from pydantic import Field
 
 from ssam.configio import Section
-from ssam.device import CompiledOrEager, resolve_device
+from ssam.device import CompiledOrEager, keep_freed_memory, resolve_device
 from ssam.overlay import decode_rle
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
@@ -149,6 +149,8 @@ class LabelStage(Stage):
 
         self.cfg = cfg
         device = str(resolve_device(cfg.device))
+        if device == "cpu":
+            keep_freed_memory()  # the batched engine's windows and crops: fresh pages cost a fault each
         if clip is None:
             clip = load_clip(cfg.clip_model, cfg.clip_pretrained, seed=seed, device=device)
         self.clip = clip

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from ssam.configio import Section
-from ssam.device import resolve_device
+from ssam.device import keep_freed_memory, resolve_device
 from ssam.model.amg import AmgSettings, MaskEngine, bf16_autocast, sam_image_features
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
@@ -180,6 +180,8 @@ class MaskStage(Stage):
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the batched engine's per-batch buffers: fresh pages cost a fault each
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         if sam is None:

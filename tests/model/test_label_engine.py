@@ -243,12 +243,17 @@ def test_separable_resampling_is_roi_align(h, w, size, monkeypatch):
             .contiguous()
         )  # [k, hb, C, wb]
 
-    ours = le.separable_resample(rois, size, h, w, read)
+    crops, order = le.separable_resample(rois, size, h, w, read)
+    assert crops.is_contiguous() and sorted(order.tolist()) == list(range(len(rois)))
+    torch.testing.assert_close(crops, ref[order], atol=2e-3, rtol=1e-5)  # 0..255 values
+    ours = le.in_roi_order(crops, order)
     assert ours.shape == ref.shape == (len(rois), 5, size, size)
-    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-5)  # 0..255 values
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-5)
     monkeypatch.setattr(le, "WINDOW_PIXELS_AT_ONCE", 1)  # each window in a call of its own
-    torch.testing.assert_close(le.separable_resample(rois, size, h, w, read), ref, atol=2e-3, rtol=1e-5)
-    assert le.separable_resample(torch.zeros(0, 4), size, h, w, read).shape == (0, 1, size, size)
+    one_each = le.in_roi_order(*le.separable_resample(rois, size, h, w, read))
+    torch.testing.assert_close(one_each, ref, atol=2e-3, rtol=1e-5)
+    crops, order = le.separable_resample(torch.zeros(0, 4), size, h, w, read)
+    assert crops.shape == (0, 1, size, size) and order.shape == (0,)
 
 
 def test_window_masks_are_windows_of_the_masks():
@@ -293,7 +298,7 @@ def test_cpu_crops_are_roi_align_of_the_full_size_composite(clip, photos, backgr
             full = img[None].expand(len(anns), -1, -1, -1).contiguous()
         exact = le.roi_resample(full, rois, spec.size, torch.arange(len(anns)))
         segs = [a["segmentation"] for a in anns]
-        ours = le.window_crops([image], [segs], [rois], spec.size, background, DIM, BLUR)
+        ours = le.in_roi_order(*le.window_crops([image], [segs], [rois], spec.size, background, DIM, BLUR))
         torch.testing.assert_close(ours, exact, atol=2e-3, rtol=1e-5)
         gpu = le.roi_align_crops(image, anns, rois, spec.size, torch.device("cpu"), background, DIM, BLUR, 32)
         assert (gpu - exact).abs().mean((1, 2, 3)).max() < 3.5  # compose_crops' bound, below
@@ -421,10 +426,10 @@ def test_several_images_in_one_call_equal_one_at_a_time(clip, photos, background
     spec = le.crop_spec(clip)
     rois = [le.crop_rois(im, a, spec, PADDING) for im, a in zip(images, annotations, strict=True)]
     segs = [[x["segmentation"] for x in a] for a in annotations]
-    at_once = le.window_crops(images, segs, rois, spec.size, background, DIM, BLUR)
+    at_once = le.in_roi_order(*le.window_crops(images, segs, rois, spec.size, background, DIM, BLUR))
     one_by_one = torch.cat(
         [
-            le.window_crops([im], [sg], [r], spec.size, background, DIM, BLUR)
+            le.in_roi_order(*le.window_crops([im], [sg], [r], spec.size, background, DIM, BLUR))
             for im, sg, r in zip(images, segs, rois, strict=True)
         ]
     )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import imagefiles
 import numpy as np
@@ -207,3 +211,26 @@ def test_fused_gpu_stages_give_the_same_rows_as_separate_stages():
     assert a["status"] == b["status"] == ["ok", "ok"]
     assert a["annotations_json"] == b["annotations_json"] and a["emb"] == b["emb"]
     assert "t_masks" in a and "t_labels" in a  # the run summary still sees both stages
+
+
+def test_the_cpu_labels_stage_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+    """On a CPU the stages keep freed buffers (``ssam.device.keep_freed_memory``): after the first
+    batches, a batch of the shipped labels stage touches almost no fresh page, where with the
+    setting off (``SSAM_KEEP_FREED_MEMORY=0``) it faults in thousands; the rows are the same."""
+    script = Path(__file__).with_name("labels_page_faults.py")
+    runs = {}
+    for keep in ("1", "0"):
+        env = {**os.environ, "SSAM_KEEP_FREED_MEMORY": keep}
+        proc = subprocess.run(
+            [sys.executable, str(script), str(REPO / "configs/pipeline/smoke.yaml")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[keep] = json.loads(proc.stdout.strip().splitlines()[-1])
+    kept, fresh = runs["1"], runs["0"]
+    assert kept["kept"] and not fresh["kept"]
+    assert kept["status"] == fresh["status"] == ["ok"] * 3 and kept["rows"] == fresh["rows"]
+    assert kept["faults"] < 500 and kept["faults"] * 10 < fresh["faults"], (kept, fresh)
