@@ -108,14 +108,15 @@ def coco_counts(segmentations: Sequence[dict], h: int, w: int) -> tuple[np.ndarr
     lengths = np.diff(np.r_[0, np.searchsorted(np.flatnonzero(last), ends - 1, side="right")])
     # Undo the differences: within a mask, count 0 stays, the odd ones are the running sum of the
     # odd ones, the even ones from 2 on the running sum of those; one segmented cumsum for all.
-    index = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    group = np.repeat(np.arange(len(raw)), lengths) * 3 + np.where(index == 0, 0, 2 - index % 2)
-    order = np.argsort(group, kind="stable")
-    sums, grouped = np.cumsum(values[order]), group[order]
-    first = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(order) else order
-    base = np.repeat(sums[first] - values[order][first], np.diff(np.r_[first, len(order)]))
-    counts = np.empty_like(values)
-    counts[order] = sums - base
+    # Each parity is summed over all masks at once and each mask's total before it taken off.
+    begin = np.cumsum(lengths) - lengths
+    index = np.arange(len(values)) - np.repeat(begin, lengths)
+    first = np.minimum(begin, max(len(values) - 1, 0))  # an empty mask's is never used
+    counts = values.copy()
+    for parity in (1, 0):
+        mine = (index % 2 == parity) & (index > 0)
+        sums = np.cumsum(np.where(mine, values, 0))
+        counts = np.where(mine, sums - np.repeat(sums[first], lengths), counts) if len(values) else counts
     if lists:  # put the uncompressed ones in their places
         parts = np.split(counts, np.cumsum(lengths)[:-1])
         for k, c in lists.items():
@@ -123,8 +124,7 @@ def coco_counts(segmentations: Sequence[dict], h: int, w: int) -> tuple[np.ndarr
         lengths = np.array([len(p) for p in parts], np.int64)
         counts = np.concatenate(parts) if parts else counts
     mask = np.repeat(np.arange(len(raw)), lengths)
-    totals = np.zeros(len(raw), np.int64)
-    np.add.at(totals, mask, counts)
+    totals = np.bincount(mask, counts, minlength=len(raw))  # float64: exact below 2**53
     bad = np.flatnonzero(totals != h * w)
     if len(bad) or (counts < 0).any():
         k = int(bad[0]) if len(bad) else int(mask[counts < 0][0])
