@@ -107,8 +107,8 @@ def coco_counts(segmentations: Sequence[dict], h: int, w: int) -> tuple[np.ndarr
     values[negative] -= np.left_shift(1, shift[last][negative] + 5)  # sign-extend
     lengths = np.diff(np.r_[0, np.searchsorted(np.flatnonzero(last), ends - 1, side="right")])
     # Undo the differences: within a mask, count 0 stays, the odd ones are the running sum of the
-    # odd ones, the even ones from 2 on the running sum of those; one segmented cumsum for all.
-    # Each parity is summed over all masks at once and each mask's total before it taken off.
+    # odd ones, the even ones from 2 on the running sum of those. One running sum per parity over
+    # all masks at once, less what the masks before each one had summed.
     begin = np.cumsum(lengths) - lengths
     index = np.arange(len(values)) - np.repeat(begin, lengths)
     first = np.minimum(begin, max(len(values) - 1, 0))  # an empty mask's is never used
