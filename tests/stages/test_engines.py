@@ -1,4 +1,5 @@
-"""The masks and labels stages with either engine: selection, equivalence, empty masks, GPU OOM."""
+"""The masks and labels stages with either engine: selection, equivalence, empty masks, GPU OOM,
+freed memory kept on a CPU."""
 
 from __future__ import annotations
 
