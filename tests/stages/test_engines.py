@@ -215,9 +215,11 @@ def test_fused_gpu_stages_give_the_same_rows_as_separate_stages():
 
 
 def test_the_cpu_labels_stage_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
-    """On a CPU the stages keep freed buffers (``ssam.device.keep_freed_memory``): after the first
-    batches, a batch of the shipped labels stage touches almost no fresh page, where with the
-    setting off (``SSAM_KEEP_FREED_MEMORY=0``) it faults in thousands; the rows are the same."""
+    """On a CPU the stages keep freed buffers (``ssam.device.keep_freed_memory``): a freed 48 MiB
+    buffer's pages are reused, where glibc's default maps fresh ones (12,288 faults); after the
+    first batches, a batch of the shipped labels stage touches almost no fresh page (glibc's default
+    faulted thousands here in some runs and none in others: it depends on the heap's history); the
+    rows are the same either way."""
     script = Path(__file__).with_name("labels_page_faults.py")
     runs = {}
     for keep in ("1", "0"):
@@ -234,4 +236,5 @@ def test_the_cpu_labels_stage_reuses_freed_memory_instead_of_faulting_in_fresh_p
     kept, fresh = runs["1"], runs["0"]
     assert kept["kept"] and not fresh["kept"]
     assert kept["status"] == fresh["status"] == ["ok"] * 3 and kept["rows"] == fresh["rows"]
-    assert kept["faults"] < 500 and kept["faults"] * 10 < fresh["faults"], (kept, fresh)
+    assert kept["buffer_faults"] < 100 and fresh["buffer_faults"] > 10_000, (kept, fresh)
+    assert kept["faults"] < 1500, (kept, fresh)  # measured 0-221
