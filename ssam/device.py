@@ -68,9 +68,10 @@ def keep_freed_memory(mmap_mib: int = 64, trim_mib: int = 256) -> bool:
 
     The batched engines on a CPU allocate buffers of several MB per batch (mask windows, crops,
     activations). By default glibc serves large buffers with fresh ``mmap`` pages or gives freed
-    heap back once much of it is free, so every batch pays a page fault per 4 KiB it touches
-    first: about 1,450 faults per image of the CPU labels stage, about a quarter of its time at
-    one thread on the machine of ``benchmarks/README.md``. Here buffers under ``mmap_mib`` come
+    heap back once much of it is free, so a batch can pay a page fault per 4 KiB it touches first
+    (whether it does depends on the heap's history, as glibc adapts its threshold): up to ~1,450
+    faults per image of the CPU labels stage, about a quarter of its time at one thread on the
+    machine of ``benchmarks/README.md``. Here buffers under ``mmap_mib`` come
     from the heap and up to ``trim_mib`` of freed heap is kept, so the next batch reuses the same
     pages (what PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc). The cost is
     that the process keeps up to ``trim_mib`` of freed memory.
