@@ -145,8 +145,13 @@ def test_a_killed_masks_actor_is_survived_with_every_row_once(tmp_path, ray_loop
 
     def log(msg: str) -> None:
         if msg.startswith("shard ") and not killed:
-            for p in psutil.process_iter(["cmdline"]):
-                if "MapBatches(MaskStage)" in " ".join(p.info["cmdline"] or []):
+            # only this test's Ray (its processes descend from this one), not another Ray on the machine
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    cmd = " ".join(p.cmdline())
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                if "MapBatches(MaskStage)" in cmd:
                     os.kill(p.pid, signal.SIGKILL)
                     killed.append(p.pid)
 
