@@ -216,7 +216,7 @@ def test_fused_gpu_stages_give_the_same_rows_as_separate_stages():
 
 def test_the_cpu_labels_stage_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
     """On a CPU the stages keep freed buffers (``ssam.device.keep_freed_memory``): a freed 48 MiB
-    buffer's pages are reused, where glibc's default maps fresh ones (12,288 faults); after the
+    buffer's pages are reused, where glibc's default maps fresh ones (12,289 faults here); after the
     first batches, a batch of the shipped labels stage touches almost no fresh page (glibc's default
     faulted thousands here in some runs and none in others: it depends on the heap's history); the
     rows are the same either way."""
