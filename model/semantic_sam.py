@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -220,15 +221,41 @@ class SemanticSam(Sam):
         else:
             with torch.no_grad():
                 feats = self.image_encoder(images_bchw)
-        results = []
-        for b, (boxes, points) in enumerate(prompts):
-            parts = []
-            if boxes is not None and len(boxes):
-                parts.append(self.decode(feats[b : b + 1], boxes=boxes))
-            if points is not None and len(points):
-                labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
-                parts.append(self.decode(feats[b : b + 1], points=(points[:, None, :], labels)))
-            results.append(tuple(torch.cat(t, 0) for t in zip(*parts, strict=True)))
+        # Every prompt of the batch in one prompt-encoder call per kind and one decoder call: a box
+        # and a lone point (padded by segment-anything) are both two sparse tokens, so they stack.
+        # Per-image calls cost ~16 small decoder passes a step, dominated by per-op overhead. Rows
+        # are grouped by image (its boxes, then its points) and each image's features broadcast
+        # to its rows: only slices, concatenations and expands, whose gradients are deterministic
+        # sums (an index gather's accumulating backward need not be).
+        dev = feats.device
+        boxes = [b if b is not None else torch.zeros(0, 4, device=dev) for b, _ in prompts]
+        points = [p if p is not None else torch.zeros(0, 2, device=dev) for _, p in prompts]
+        n_box, n_pt = [len(b) for b in boxes], [len(p) for p in points]
+        box_sparse = pt_sparse = None
+        if sum(n_box):
+            box_sparse = self.prompt_encoder(points=None, boxes=torch.cat(boxes), masks=None)[0]
+        if sum(n_pt):
+            xy = torch.cat(points)[:, None, :]
+            labels = torch.ones(len(xy), 1, dtype=torch.int, device=xy.device)
+            pt_sparse = self.prompt_encoder(points=(xy, labels), boxes=None, masks=None)[0]
+        box_at, pt_at = list(accumulate(n_box, initial=0)), list(accumulate(n_pt, initial=0))
+        sparse, image_rows = [], []
+        for b in range(len(prompts)):
+            if n_box[b]:
+                sparse.append(box_sparse[box_at[b] : box_at[b + 1]])
+            if n_pt[b]:
+                sparse.append(pt_sparse[pt_at[b] : pt_at[b + 1]])
+            if n_box[b] + n_pt[b]:
+                image_rows.append(feats[b : b + 1].expand(n_box[b] + n_pt[b], -1, -1, -1))
+        sparse = torch.cat(sparse)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            len(sparse), -1, *feats.shape[-2:]
+        )
+        outs = self.mask_decoder.predict_all(
+            torch.cat(image_rows), self.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        sizes = [a + b for a, b in zip(n_box, n_pt, strict=True)]
+        results = list(zip(*(t.split(sizes) for t in outs), strict=True))
         return results, self.logit_scale.exp()
 
     @staticmethod

@@ -142,7 +142,7 @@ def two_way_forward(
     The regrouped path (module docstring) runs for inference (no gradient: the engine's decoder
     calls, thousands of prompts per image), its first block shared when every prompt has the same
     image tokens. Training keeps segment-anything's own forward on ``P`` copies: it decodes a
-    few dozen prompts per image, where sharing saves little, and the smoke model's training is
+    few dozen prompts per step, where sharing saves little, and the smoke model's training is
     chaotic enough that a change in the last bits of the decoder's arithmetic moves its held-out
     figures (docs/TRAINING.md), so its arithmetic stays the one the documented runs used.
 

@@ -74,6 +74,42 @@ def test_outputs_per_prompt():
     assert [o[0].shape[0] for o in outs] == [3, 1] and torch.isclose(scale, model.logit_scale.exp())
 
 
+def test_the_training_forward_decodes_every_image_as_one_image_at_a_time_does():
+    """forward() decodes all images' prompts in one call; each image gets what decoding its boxes,
+    then its points, on its own features gives (images with boxes only, points only, both, none),
+    and gradients reach every image's features."""
+    torch.manual_seed(0)
+    model = build_semantic_sam("smoke", clip_dim=32).train()
+    images = torch.randn(4, 3, 256, 256)
+    prompts = [
+        (
+            torch.tensor([[1.0, 2, 130, 90], [40, 40, 200, 250]]),
+            torch.tensor([[20.0, 20], [99, 3], [250, 250]]),
+        ),
+        (None, torch.tensor([[5.0, 5]])),
+        (torch.tensor([[0.0, 0, 255, 255]]), None),
+        (torch.zeros(0, 4), torch.zeros(0, 2)),
+    ]
+    outs, _ = model(images, prompts)
+    feats = model.image_encoder(images)
+    for b, (boxes, points) in enumerate(prompts):
+        parts = []
+        if boxes is not None and len(boxes):
+            parts.append(model.decode(feats[b : b + 1], boxes=boxes))
+        if points is not None and len(points):
+            ones = torch.ones(len(points), 1, dtype=torch.int)
+            parts.append(model.decode(feats[b : b + 1], points=(points[:, None], ones)))
+        if not parts:
+            assert all(len(t) == 0 for t in outs[b])
+            continue
+        for got, want in zip(outs[b], (torch.cat(t) for t in zip(*parts, strict=True)), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    images.requires_grad_(True)
+    outs, _ = model(images, prompts)
+    sum(t.sum() for out in outs for t in out).backward()
+    assert [bool(images.grad[b].abs().sum() > 0) for b in range(4)] == [True, True, True, False]
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path, vit_b_sam_file):
     model = build_semantic_sam("smoke", clip_dim=32, seed=4).eval()
     save_model(tmp_path / "m.pt", model, {"name": "ssam-smoke-clip", "pretrained": None, "seed": 0})
