@@ -345,6 +345,9 @@ def bench_setup(args, sam_size: str, clip_name: str) -> dict:
     res["label_path_images_per_s"] = len(jpegs) / t
     if args.device.startswith("cuda"):
         res["label_path_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # printed now: a device call cut at its time limit during the steps below (as on 2026-11-28,
+    # in the pipeline's 240 photos) loses only those steps
+    print("so far:", json.dumps(res), flush=True)
     for variant in args.label_path_variants:  # the same path with less compiled than shipped
         from ssam.stages.labels import LabelStage
         from ssam.stages.masks import MaskStage
