@@ -4,16 +4,17 @@
 # lacks travel as wheels in .whl/ (see benchmarks/README.md); this repo is put on PYTHONPATH as
 # the `ssam` package through a folder of links (no install step).
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2, in that order)
-# Measured on an H100 (2026-11-27): step 0 ~150 s (three variants, vit_h's encoder compiles ~60 s),
-# step 1 ~120-200 s, step 6 ~105 s, step 5 ~20 s, step 2 ~90 s; step 7 (new) is expected to take
-# ~2 minutes. One call may run 10 minutes at most and a machine takes ~1.5 minutes to start, so the
-# default is what fits one call with room to spare.
+# Measured on an H100: step 1 ~260 s with 48 photos through the pipeline, steps 7 and 0 ~125 s
+# together (2026-11-28); step 6 ~105 s, step 5 ~20 s, step 2 ~90 s (2026-11-27). One call may run 10
+# minutes at most and a machine takes ~1 minute to start, so the default is what fits one call with
+# room to spare; the pipeline's 240 photos (PIPE=240) did not fit beside steps 7 and 0 and need a
+# call of their own.
 # Steps 0 and 1 also log to OUTDIR/*.log: `tail` prints only at the end, and a call cut at its
 # limit (as step 1 was on 2026-11-27) loses what a pipe still holds.
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
 STEPS=${STEPS:-170}  # run in this order, the goal first; 2-6 only when asked; 6 needs .raypack
-PIPE=${PIPE:-240}      # photos through the pipeline's stages in step 1 (0: skip)
+PIPE=${PIPE:-0}        # photos through the pipeline's stages in step 1 (0: skip; 48 are too few, see README)
 VARIANTS=${VARIANTS:-shipped ungated}  # step 0 (profile_masks.py --help)
 PATHS=${PATHS:-eager}  # step 1: the label path again, compiled less (bench_engine.py --help)
 mkdir -p "$OUT"
