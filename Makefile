@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/ssam-pipeline run configs/pipeline/$(if $(SMOKE),smoke,sample).yaml $(ARGS)
 
-# make test       lint, then every test (what CI runs)
+# make test       lint, then every test (what CI runs), with the 25 slowest listed
 # make test-fast  the tests not marked slow or cluster: under a minute, while working
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not cluster" $(PYTEST_ARGS)
