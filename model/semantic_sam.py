@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -238,13 +237,14 @@ class SemanticSam(Sam):
             xy = torch.cat(points)[:, None, :]
             labels = torch.ones(len(xy), 1, dtype=torch.int, device=xy.device)
             pt_sparse = self.prompt_encoder(points=(xy, labels), boxes=None, masks=None)[0]
-        box_at, pt_at = list(accumulate(n_box, initial=0)), list(accumulate(n_pt, initial=0))
+        box_parts = box_sparse.split(n_box) if box_sparse is not None else ()
+        pt_parts = pt_sparse.split(n_pt) if pt_sparse is not None else ()
         sparse, image_rows = [], []
         for b in range(len(prompts)):
             if n_box[b]:
-                sparse.append(box_sparse[box_at[b] : box_at[b + 1]])
+                sparse.append(box_parts[b])
             if n_pt[b]:
-                sparse.append(pt_sparse[pt_at[b] : pt_at[b + 1]])
+                sparse.append(pt_parts[b])
             if n_box[b] + n_pt[b]:
                 image_rows.append(feats[b : b + 1].expand(n_box[b] + n_pt[b], -1, -1, -1))
         sparse = torch.cat(sparse)
