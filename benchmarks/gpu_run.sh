@@ -5,7 +5,7 @@
 # the `ssam` package through a folder of links (no install step).
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2, in that order)
 # Measured on an H100: step 1 ~260 s with 48 photos through the pipeline, steps 7 and 0 ~125 s
-# together (2026-11-28); step 6 ~105 s, step 5 ~20 s, step 2 ~90 s (2026-11-27). One call may run 10
+# together (2026-11-28); step 8 is new (2026-11-28, not yet run on a GPU); step 6 ~105 s, step 5 ~20 s, step 2 ~90 s (2026-11-27). One call may run 10
 # minutes at most and a machine takes ~1 minute to start, so the default is what fits one call with
 # room to spare; the pipeline's 240 photos (PIPE=240) did not fit beside steps 7 and 0 and need a
 # call of their own.
@@ -13,7 +13,7 @@
 # limit (as step 1 was on 2026-11-27) loses what a pipe still holds.
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
-STEPS=${STEPS:-170}  # run in this order, the issue's goal first; 2-6 only when asked; 6 needs .raypack
+STEPS=${STEPS:-1780}  # run in this order, the issue's goal first; 2-6 only when asked; 6 needs .raypack
 PIPE=${PIPE:-0}        # photos through the pipeline's stages in step 1 (0: skip; 48 are too few, see README)
 VARIANTS=${VARIANTS:-shipped ungated}  # step 0 (profile_masks.py --help)
 PATHS=${PATHS:-eager}  # step 1: the label path again, compiled less (bench_engine.py --help)
@@ -89,6 +89,13 @@ step5() {
 #    built by benchmarks/pack_ray.sh: carry .raypack)
 step6() {
     (cd "$REPO" && TIMEOUT=110 EXTRA_ARGS="--gpus-per-worker 0.5" bash benchmarks/gpu_ray_train.sh 2>&1 | tail -25)
+}
+
+# 8. mask upscaling: segment-anything's postprocess_masks against the engines' upscale_logits (the
+#    exact path on CUDA) and the separable product at every size (taken on CPUs only: does it pay
+#    here?); ~20 s
+step8() {
+    timeout 60 python3 "$REPO/benchmarks/bench_upscale.py" --device cuda --masks 256 2>&1 | tail -10
 }
 
 for ((i = 0; i < ${#STEPS}; i++)); do "step${STEPS:i:1}"; done

@@ -24,6 +24,7 @@ semantic embedding and score of each mask for a Semantic-SAM, and CUDA out-of-me
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -145,6 +146,83 @@ def resize_longest_side(image_hwc: np.ndarray, target: int, device: torch.device
     ``ResizeLongestSide.apply_image`` (its rounding of the other side too)."""
     hw = ResizeLongestSide.get_preprocess_shape(image_hwc.shape[0], image_hwc.shape[1], target)
     return resize_image(image_hwc, hw, device)
+
+
+def upscale_logits(
+    low_bhw: torch.Tensor, img_size: int, input_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Low-res mask logits ``B x m x m`` upscaled to the image: segment-anything's
+    ``Sam.postprocess_masks`` (bilinear to ``img_size`` squared, cropped to the resized input
+    ``input_hw``, bilinear to the image's ``out_hw``) with less work. segment-anything and torch
+    have no such shortcut, so it is written here.
+
+    * The first step only computes the input's rows and columns: the low-res logits are cut to the
+      rows and columns those read (one spare) and resized by the same whole factor, which gives
+      the same source positions and weights, so the same values, bit for bit. The second step is
+      skipped where it would keep the size (an image stored at SAM's input side, as the
+      pipeline's decode stores large ones): torch makes it a copy.
+    * On a CPU, where the image's size differs from the input's and the product is cheap for the
+      pixels the bilinear steps write (mostly images smaller than the model's input, whose first
+      step writes a large intermediate that is mostly thrown away), both steps are one small
+      matrix per axis, ``A_h @ low @ A_w^T``, built by passing the identity through the same two
+      resizes: equal to rounding (~1e-6 of a logit). Not on CUDA, where it is not measured.
+    """
+    n_h, n_w = input_hw
+    o_h, o_w = out_hw
+    m = low_bhw.shape[-1]
+    if low_bhw.shape[-2] != m or img_size % m or n_h > img_size or n_w > img_size:
+        x = F.interpolate(low_bhw[:, None], (img_size, img_size), mode="bilinear", align_corners=False)
+        return F.interpolate(x[..., :n_h, :n_w], out_hw, mode="bilinear", align_corners=False)[:, 0]
+    if _separable_pays(low_bhw, m, input_hw, out_hw):
+        return separable_upscale(low_bhw, img_size, input_hw, out_hw)
+    f = img_size // m
+    # Output row y < n reads low-res rows floor((y + 0.5) / f - 0.5) and the one after it.
+    r_h, r_w = min(m, -(-n_h // f) + 1), min(m, -(-n_w // f) + 1)
+    x = low_bhw[:, None, :r_h, :r_w]
+    x = F.interpolate(x, (r_h * f, r_w * f), mode="bilinear", align_corners=False)[..., :n_h, :n_w]
+    if (o_h, o_w) != (n_h, n_w):
+        x = F.interpolate(x, out_hw, mode="bilinear", align_corners=False)
+    return x[:, 0]
+
+
+#: the separable product is used when its multiply-adds are at most this many times the pixels the
+#: two bilinear steps write: on a CPU the two break even near 150 (a 683x1024 image from SAM's
+#: 1024 input is 160, 600x800 is 128; benchmarks/README.md)
+SEPARABLE_MACS_PER_PIXEL = 140
+
+
+def _separable_pays(low_bhw, m, input_hw, out_hw) -> bool:
+    """Whether :func:`upscale_logits` takes the separable product (float32 on a CPU, a size change)."""
+    if low_bhw.device.type != "cpu" or low_bhw.dtype != torch.float32:
+        return False
+    (n_h, n_w), (o_h, o_w) = input_hw, out_hw
+    if (o_h, o_w) == (n_h, n_w):
+        return False
+    macs = min(o_h, o_w) * m * m + o_h * m * o_w
+    return macs <= SEPARABLE_MACS_PER_PIXEL * (n_h * n_w + o_h * o_w)
+
+
+def separable_upscale(
+    low_bhw: torch.Tensor, img_size: int, input_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """:func:`upscale_logits` as ``A_h @ low @ A_w^T`` (float32, any device; benchmarks compare)."""
+    m = low_bhw.shape[-1]
+    a_h = _axis_matrix(m, img_size, input_hw[0], out_hw[0], low_bhw.device)
+    a_w = _axis_matrix(m, img_size, input_hw[1], out_hw[1], low_bhw.device)
+    if out_hw[0] <= out_hw[1]:  # the cheaper order: the shorter output side first
+        return torch.matmul(torch.matmul(a_h, low_bhw), a_w.T)
+    return torch.matmul(a_h, torch.matmul(low_bhw, a_w.T))
+
+
+@functools.lru_cache(maxsize=256)  # one per image size in a long run: bounded (each is o x m floats)
+def _axis_matrix(m: int, size: int, n: int, o: int, device: torch.device) -> torch.Tensor:
+    """``o x m``: one axis of :func:`upscale_logits`'s two bilinear steps as a matrix (each step
+    is separable, the same linear weights per axis), made once per shape."""
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whichever mode asks first
+        eye = torch.eye(m, dtype=torch.float32)[:, None]  # m signals, one low-res pixel each
+        a = F.interpolate(eye, size=size, mode="linear", align_corners=False)[..., :n]
+        a = F.interpolate(a, size=o, mode="linear", align_corners=False)[:, 0]
+        return a.T.contiguous().to(device)
 
 
 @torch.inference_mode()
@@ -481,7 +559,7 @@ class MaskEngine:
         x0, y0, x1, y1 = crop_box
         crop_hw = (y1 - y0, x1 - x0)
         input_hw = self.transform.get_preprocess_shape(*crop_hw, self.transform.target_length)
-        return self.model.postprocess_masks(low_bhw[:, None], input_hw, crop_hw)[:, 0]
+        return upscale_logits(low_bhw, self.model.image_encoder.img_size, input_hw, crop_hw)
 
     def _survivors(
         self, images, jobs, j, low_bhw, iou, prompt, extras, calibration=None

@@ -14,7 +14,7 @@ import torch
 from segment_anything.utils.amg import calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .amg import AmgSettings, MaskEngine, sam_image_features
+from .amg import AmgSettings, MaskEngine, sam_image_features, upscale_logits
 from .semantic_sam import SemanticSam
 
 
@@ -50,7 +50,8 @@ class SemanticPredictor:
         return self.model.decode(self.features, points=(p[:, None, :], labels))
 
     def _upscale(self, low_res: torch.Tensor) -> torch.Tensor:
-        return self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        size = self.model.image_encoder.img_size
+        return upscale_logits(low_res[:, 0], size, self.input_size, self.original_size)[:, None]
 
     @torch.inference_mode()
     def predict(self, boxes=None, points=None) -> tuple[np.ndarray, ...]:

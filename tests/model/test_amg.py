@@ -9,6 +9,8 @@ both must agree; the unmodified smoke SAM and a Semantic-SAM are tested as well.
 """
 
 import math
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_all_layer_point_grids
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
@@ -33,6 +36,7 @@ from ssam.model.amg import (
     rle_runs,
     sam_image_features,
     take_runs,
+    upscale_logits,
 )
 from ssam.model.sam import build_sam
 from ssam.model.semantic_sam import build_semantic_sam
@@ -266,6 +270,37 @@ def test_flat_gray_image_gives_no_empty_or_degenerate_mask():
     (res,) = MaskEngine(sam, AmgSettings(**settings)).generate([gray])
     assert all(r["area"] >= 16 and r["bbox"] != [0.0, 0.0, 0.0, 0.0] for r in res.records)
     assert len(res.records) == sum(r["area"] >= 16 for r in reference)
+
+
+@pytest.mark.parametrize("sam_size", ["smoke", "vit_b"])
+def test_upscaled_logits_are_segment_anythings_postprocess_masks(sam_size):
+    """Every image size a SAM of this input side meets: larger than it, at it (the pipeline stores
+    large images at 1024), and smaller (where a CPU takes the separable product)."""
+    side = {"smoke": 256, "vit_b": 1024}[sam_size]
+    sam = SimpleNamespace(image_encoder=SimpleNamespace(img_size=side), mask_threshold=0.0)
+    reference = partial(Sam.postprocess_masks, sam)
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(5, side // 4, side // 4, generator=g) * 4
+    sizes = [(side, side), (side, side * 3 // 4), (side * 2 // 3, side), (side * 2, side * 3 // 2)]
+    sizes += [(side // 2, side // 2), (side // 4, side // 3), (side * 3 // 5, side * 4 // 5), (37, 23)]
+    separable = 0
+    for hw in sizes:
+        input_hw = ResizeLongestSide.get_preprocess_shape(*hw, side)
+        want = reference(low[:, None], input_hw, hw)[:, 0]
+        got = upscale_logits(low, side, input_hw, hw)
+        assert got.shape == want.shape == (5, *hw)
+        if torch.equal(got, want):
+            continue
+        separable += 1  # the one path not equal bit for bit: equal to rounding
+        assert tuple(hw) != tuple(input_hw), hw  # never at SAM's input side
+        assert torch.allclose(got, want, rtol=0, atol=1e-5), hw
+        assert ((got > 0) != (want > 0)).float().mean() < 1e-4
+    assert separable >= 3, "the small images should take the separable product"
+    # other dtypes (bf16 from a CUDA decoder) never take the product: bit for bit at every size
+    hw = sizes[-1]
+    input_hw = ResizeLongestSide.get_preprocess_shape(*hw, side)
+    bf16 = low.bfloat16()
+    assert torch.equal(upscale_logits(bf16, side, input_hw, hw), reference(bf16[:, None], input_hw, hw)[:, 0])
 
 
 def test_device_rle_equals_pycocotools():
