@@ -21,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
-from segment_anything.utils.amg import build_all_layer_point_grids
+from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_point_grids
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
@@ -29,6 +29,7 @@ from ssam.model.amg import (
     AmgSettings,
     MaskEngine,
     bf16_decoder,
+    boxes_and_areas,
     decode_prompts,
     masks_to_coco_rles,
     resize_image,
@@ -301,6 +302,25 @@ def test_upscaled_logits_are_segment_anythings_postprocess_masks(sam_size):
     input_hw = ResizeLongestSide.get_preprocess_shape(*hw, side)
     bf16 = low.bfloat16()
     assert torch.equal(upscale_logits(bf16, side, input_hw, hw), reference(bf16[:, None], input_hw, hw)[:, 0])
+
+
+def test_boxes_and_areas_are_segment_anythings():
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.rand(40, 1, 6, 9, generator=g) > 0.75
+    masks = F.interpolate(blobs.float(), (61, 90), mode="nearest")[:, 0] > 0.5
+    masks[0] = False  # empty
+    masks[1] = True  # full
+    masks[2] = False
+    masks[2, 60, 89] = True  # one pixel in the last corner
+    masks[3] = False
+    masks[3, 0, 5:9] = True  # one row at the top
+    boxes, area = boxes_and_areas(masks)
+    assert boxes.dtype == area.dtype == torch.int64
+    assert torch.equal(boxes, batched_mask_to_box(masks).long())
+    assert torch.equal(area, masks.sum((-2, -1)))
+    assert boxes[2].tolist() == [89, 60, 89, 60] and boxes[0].tolist() == [0, 0, 0, 0]
+    none, zero = boxes_and_areas(masks[:0])
+    assert none.shape == (0, 4) and zero.shape == (0,)
 
 
 def test_device_rle_equals_pycocotools():
