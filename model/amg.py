@@ -437,10 +437,12 @@ class MaskEngine:
         # Compiling fuses the decoder's many elementwise passes over P x 4096 image tokens (adds of
         # positional encodings, residuals, norms, GELUs); the last chunk's other size compiles once
         # more. Two parts: the masks part runs only for the prompts whose predicted IoU lets a mask
-        # through (its batch size varies: compiled once more, then with a dynamic batch size).
+        # through (its batch size varies: one graph with a dynamic batch size, see CompiledOrEager).
         compile_decoder = s.compile_decoder and cuda
         self.run_tokens = CompiledOrEager(decoder_tokens, compile_decoder, "the mask decoder's transformer")
-        self.run_masks = CompiledOrEager(decoder_masks, compile_decoder, "the mask decoder's upscaling")
+        self.run_masks = CompiledOrEager(
+            decoder_masks, compile_decoder, "the mask decoder's upscaling", dynamic_batch=True
+        )
         # False: upscale every prompt's masks, as segment-anything does (benchmarks compare)
         self.gate_masks = True
 

@@ -36,8 +36,8 @@ class CompiledOrEager:
     pass through (the callers' batch halving handles them). ``fn`` is what runs now.
     """
 
-    def __init__(self, eager, enabled: bool, what: str):
-        self.eager, self.what = eager, what
+    def __init__(self, eager, enabled: bool, what: str, dynamic_batch: bool = False):
+        self.eager, self.what, self.dynamic_batch = eager, what, dynamic_batch
         self.fn = torch.compile(eager) if enabled else eager
 
     @property
@@ -45,6 +45,31 @@ class CompiledOrEager:
         return self.fn is not self.eager
 
     def __call__(self, *args, **kwargs):
+        if self.dynamic_batch and self.compiled:
+            return self._one_graph_for_every_batch_size(args, kwargs)
+        return self._call(*args, **kwargs)
+
+    def _one_graph_for_every_batch_size(self, args, kwargs):
+        """``dynamic_batch``: every tensor argument's first dimension is the same batch, of any size.
+
+        Left alone, torch.compile specialises the first batch size, compiles again with a dynamic
+        one at the second size, and a third time for a batch of 1 (dynamo treats 0 and 1 apart).
+        Here the dimension is marked dynamic from the first call, and a batch of 1 runs as a batch
+        of 2 (the row twice; each tensor output's first row kept), so one graph serves them all.
+        """
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        n = tensors[0].shape[0] if tensors else 0
+        if n == 0:
+            return self.eager(*args, **kwargs)
+        if n == 1:
+            twice = [torch.cat([a, a]) if isinstance(a, torch.Tensor) else a for a in args]
+            out = self._one_graph_for_every_batch_size(twice, kwargs)
+            return tuple(o[:1] if isinstance(o, torch.Tensor) else o for o in out)
+        for t in tensors:
+            torch._dynamo.mark_dynamic(t, 0)
+        return self._call(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         try:
             return self.fn(*args, **kwargs)
         except torch.OutOfMemoryError:

@@ -505,6 +505,31 @@ def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog, part)
     assert failed.failure == "gpu_oom" and getattr(engine, part).fn is out_of_memory
 
 
+@pytest.mark.parametrize("builder", ["sam", "semantic_sam"])
+def test_the_compiled_masks_part_is_one_graph_for_every_batch_size(builder):
+    """The IoU gate hands the masks part a different number of prompts each call, 1 included:
+    traced once (dynamo's own eager backend: the graph capture, without Inductor's compile)."""
+    from ssam.model.amg import decoder_masks, decoder_tokens
+
+    torch.manual_seed(0)
+    sam = (build_sam("smoke", seed=0) if builder == "sam" else build_semantic_sam("smoke", 32, seed=0)).eval()
+    engine = MaskEngine(sam, AmgSettings(points_per_side=8))
+    engine.run_masks.fn = torch.compile(decoder_masks, backend="eager")  # as on CUDA, traced only
+    coords, labels = torch.rand(9, 1, 2) * 256, torch.ones(9, 1, dtype=torch.int)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # counted across the process otherwise
+    with torch.inference_mode():
+        hs, src, _, _ = decode_prompts(sam, torch.randn(1, 32, 16, 16), coords, labels, run=decoder_tokens)
+        want = decoder_masks(sam.mask_decoder, hs, src, (16, 16))
+        for n in (9, 1, 4, 2, 1, 7):
+            got = engine.run_masks(sam.mask_decoder, hs[:n], src[:n], (16, 16))
+            assert got[0].shape[0] == n
+            for g, w in zip(got, want, strict=True):
+                assert (g is None) == (w is None) and (g is None or torch.allclose(g, w[:n], atol=1e-5))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert engine.run_masks.compiled
+
+
 def test_an_encoder_that_fails_to_compile_runs_eagerly(photos, caplog):
     """masks.compile_encoder (on by default, CUDA only) falls back as the decoder does; a compiled
     module has no truth value, so the engine must not test it with `or` (it once did)."""
