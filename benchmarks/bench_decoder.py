@@ -31,6 +31,8 @@ import torch
 
 
 def main() -> None:
+    from timing import best_of_interleaved
+
     from ssam.model.amg import bf16_decoder, decoder_masks, decoder_tokens
     from ssam.model.sam import build_sam
     from ssam.model.sdpa import enable_sdpa
@@ -78,7 +80,6 @@ def main() -> None:
     if args.compile:
         variants = {k: torch.compile(f) for k, f in variants.items()}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    best = {k: float("inf") for k in variants}
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     res.update(sam=args.sam, prompts=n, dtype=str(dtype), compiled=args.compile)
     with torch.inference_mode():
@@ -96,13 +97,7 @@ def main() -> None:
         del ref_masks, got_masks
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.rounds):
-            for k, f in variants.items():
-                sync()
-                t = time.perf_counter()
-                f()
-                sync()
-                best[k] = min(best[k], time.perf_counter() - t)
+        best = best_of_interleaved(variants, args.rounds, sync)
     for k, t in best.items():
         res[f"{k}_ms"] = t * 1e3
         res[f"{k}_prompts_per_s"] = n / t

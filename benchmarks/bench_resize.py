@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
+from timing import best_of_interleaved
 
 from ssam.model.amg import resize_longest_side
 
@@ -57,14 +58,8 @@ def main() -> None:
         for p in photos:
             s = side / max(p.size)
             images.append(np.asarray(p.resize((max(1, round(p.width * s)), max(1, round(p.height * s))))))
-        best = {"reference": float("inf"), "ours": float("inf")}
-        for _ in range(args.rounds):
-            for name, fn in (("reference", reference), ("ours", ours)):
-                sync()
-                t = time.perf_counter()
-                fn(images)
-                sync()
-                best[name] = min(best[name], (time.perf_counter() - t) / len(images))
+        runs = {"reference": partial(reference, images), "ours": partial(ours, images)}
+        best = {k: t / len(images) for k, t in best_of_interleaved(runs, args.rounds, sync).items()}
         diff = torch.cat(
             [(a - b).abs().flatten().cpu() for a, b in zip(reference(images), ours(images), strict=True)]
         )
