@@ -56,7 +56,8 @@ def main() -> None:
     dec = bf16_decoder(sam) if cuda else sam.mask_decoder
     dtype = dec.iou_token.weight.dtype
     n = args.prompts
-    feats = torch.randn(1, 256, *sam.prompt_encoder.image_embedding_size, device=dev, dtype=dtype)
+    c = sam.prompt_encoder.embed_dim  # 256 for the official sizes, 32 for the smoke SAM
+    feats = torch.randn(1, c, *sam.prompt_encoder.image_embedding_size, device=dev, dtype=dtype)
     coords = torch.rand(n, 1, 2, device=dev) * sam.image_encoder.img_size
     labels = torch.ones(n, 1, dtype=torch.int, device=dev)
     with torch.inference_mode():
