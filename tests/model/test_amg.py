@@ -278,7 +278,7 @@ def test_upscaled_logits_are_segment_anythings_postprocess_masks(sam_size):
     """Every image size a SAM of this input side meets: larger than it, at it (the pipeline stores
     large images at 1024), and smaller (where a CPU takes the separable product)."""
     side = {"smoke": 256, "vit_b": 1024}[sam_size]
-    sam = SimpleNamespace(image_encoder=SimpleNamespace(img_size=side), mask_threshold=0.0)
+    sam = SimpleNamespace(image_encoder=SimpleNamespace(img_size=side))
     reference = partial(Sam.postprocess_masks, sam)
     g = torch.Generator().manual_seed(0)
     low = torch.randn(5, side // 4, side // 4, generator=g) * 4
