@@ -7,8 +7,8 @@
 # Measured on an H100: step 1 ~260 s with 48 photos through the pipeline, steps 7 and 0 ~125 s
 # together (2026-11-28); step 6 ~105 s, step 5 ~20 s, step 2 ~90 s (2026-11-27); step 8 is new
 # (2026-11-28, not yet run on a GPU). One call may run 10 minutes at most and a machine takes ~1
-# minute to start, so the default is what fits one call with room to spare; the pipeline's 240 photos (PIPE=240) did not fit beside steps 7 and 0 and need a
-# call of their own.
+# minute to start, so the default is what fits one call with room to spare; the pipeline's 240
+# photos (PIPE=240) did not fit beside steps 7 and 0 and need a call of their own.
 # Steps 0 and 1 also log to OUTDIR/*.log: `tail` prints only at the end, and a call cut at its
 # limit (as step 1 was on 2026-11-27) loses what a pipe still holds.
 set -uo pipefail
