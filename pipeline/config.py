@@ -86,6 +86,19 @@ class StageResources(Section):
     )
 
 
+class ReadTasks(Section):
+    num_cpus: float = Field(
+        0,
+        ge=0,
+        description="CPUs per read task (0: a task that waits for its shard holds no CPU the stages' "
+        "actors or the write tasks need, so shards are written while the download runs)",
+    )
+    max_workers: int = Field(
+        4, ge=1, description="read tasks at once, each reading one downloaded shard (or waiting for it)"
+    )
+    resources: dict[str, float] = Field({}, description="custom Ray resources per read task")
+
+
 class RayConfig(Section):
     executor: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Data graph; local: plain loop, same stages"
@@ -101,6 +114,10 @@ class RayConfig(Section):
         False,
         description="keep row order so shards complete in turn (memory is bounded either way: "
         "the driver holds only keys)",
+    )
+    read: ReadTasks = Field(
+        default_factory=ReadTasks,
+        description="the tasks that read img2dataset's shards into the graph as each is finished",
     )
     decode: StageResources = Field(default_factory=lambda: StageResources(max_workers=2, batch_size=16))
     dedup: StageResources = Field(

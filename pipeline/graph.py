@@ -120,7 +120,19 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[str], shard_dir: str, p
     ds = ray.data.from_items(
         [{"shard_stem": str(s)} for s in shard_stems], override_num_blocks=len(shard_stems)
     )
-    ds = ds.map_batches(read_shard_batch, batch_size=1, batch_format="numpy", num_cpus=0.1)
+    # A read task can wait minutes for its shard's download. Holding CPUs meanwhile, waiting reads
+    # can leave the write tasks none on a cluster the pools fill (the smoke config on 2 CPUs), and
+    # then no shard is written until the download ends: by default they hold none, and at most
+    # ray.read.max_workers wait at once.
+    r = cfg.ray.read
+    ds = ds.map_batches(
+        read_shard_batch,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=r.num_cpus,
+        resources=r.resources or None,
+        compute=ray.data.TaskPoolStrategy(size=r.max_workers),
+    )
     for name, cls, args in stage_plan(cfg):
         r = getattr(cfg.ray, name)
         ds = ds.map_batches(
@@ -160,9 +172,9 @@ def check_capacity(cfg: PipelineConfig) -> None:
         r = getattr(cfg.ray, name)
         for res, amount in (("CPU", r.num_cpus), ("GPU", r.num_gpus), *r.resources.items()):
             need[res] = need.get(res, 0.0) + amount * r.min_workers
-    w = cfg.ray.write
-    for res, amount in (("CPU", w.num_cpus), *w.resources.items()):
-        need[res] = need.get(res, 0.0) + amount  # at least one write task beside the pools
+    w, rd = cfg.ray.write, cfg.ray.read
+    for res, amount in (("CPU", w.num_cpus + rd.num_cpus), *w.resources.items(), *rd.resources.items()):
+        need[res] = need.get(res, 0.0) + amount  # at least one write and one read task beside the pools
     if cfg.download.distributor == "ray":
         need["CPU"] = need.get("CPU", 0.0) + 1  # img2dataset's tasks (1 CPU each) fetch beside the graph
     short = {r: (n, have.get(r, 0.0)) for r, n in need.items() if n > have.get(r, 0.0) + 1e-9}

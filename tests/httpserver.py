@@ -11,6 +11,7 @@ class ImageServer:
     """``with ImageServer({"/a.jpg": (200, "image/jpeg", b"...")}) as srv: srv.url("/a.jpg")``.
 
     A route may carry a fourth element, extra headers (``{"Location": ...}`` for a redirect).
+    Paths in ``held`` are answered only once :meth:`release` is called (or after ``hold_s``).
     Binds ``host`` (127.0.0.1, or another loopback address) on a free port; stopped on exit.
     """
 
@@ -19,9 +20,12 @@ class ImageServer:
         routes: dict[str, tuple],
         delays: dict[str, float] | None = None,
         host: str = "127.0.0.1",
+        held: set[str] | frozenset[str] = frozenset(),
+        hold_s: float = 300.0,
     ):
         self.routes = routes
         self.delays = delays or {}  # path -> seconds to wait before answering
+        self.held, self.released = set(held), threading.Event()
         self.hits: dict[str, int] = {}
         server = self
 
@@ -29,6 +33,8 @@ class ImageServer:
             def do_GET(self):  # noqa: N802 -- http.server's naming
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 time.sleep(server.delays.get(self.path, 0))
+                if self.path in server.held:
+                    server.released.wait(hold_s)
                 status, ctype, body, *extra = server.routes.get(self.path, (404, "text/plain", b"not found"))
                 self.send_response(status)
                 for name, value in (extra[0] if extra else {}).items():  # e.g. a redirect's Location
@@ -45,6 +51,10 @@ class ImageServer:
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
+    def release(self) -> None:
+        """Answer the held paths' requests, waiting and to come."""
+        self.released.set()
+
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.httpd.server_address[1]}{path}"
 
@@ -53,5 +63,6 @@ class ImageServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.released.set()  # no held request keeps the server from closing
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -348,9 +348,11 @@ def test_readme_documents_every_training_key():
     from ssam.configio import config_rows
     from ssam.model.train_config import TrainConfig
 
-    keys = [row.split("`")[1] for row in config_rows(TrainConfig)]
+    rows = config_rows(TrainConfig)
+    keys = [row.split("`")[1] for row in rows]
     readme = (REPO / "README.md").read_text()
     assert "train.max_steps" in keys and [k for k in keys if f"`{k}`" not in readme] == []
+    assert [r for r in rows if r not in readme] == []  # defaults and descriptions as the code has them
 
 
 def test_weight_decay_only_on_matrices():

@@ -62,6 +62,22 @@ def test_set_overrides_single_keys_as_yaml():
     )
 
 
+def test_a_section_set_in_part_keeps_the_defaults_its_parent_gives_it(tmp_path):
+    # ray.write is built with 0.25 CPUs and 4 tasks at once (not StageResources' 1 and 1): setting
+    # one of its keys, by --set or in the YAML, leaves the others as they were
+    cfg = load_config(SMOKE, ["ray.write.batch_size=128"])
+    w = cfg.ray.write
+    assert (w.batch_size, w.num_cpus, w.max_workers) == (128, 0.25, 4)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "input: {path: x.parquet}\noutput: {dir: out}\nray:\n  dedup: {batch_size: 8}\n  read: {max_workers: 2}\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.ray.dedup.batch_size, cfg.ray.dedup.num_cpus) == (8, 0.25)
+    assert (cfg.ray.read.max_workers, cfg.ray.read.num_cpus) == (2, 0)
+    assert cfg.ray.write == load_config(path, ["ray.write={}"]).ray.write  # an empty section: all defaults
+
+
 def test_config_reference_lists_every_key_and_the_readme_documents_them():
     rows = config_reference()
     keys = [r.split("`")[1] for r in rows]
@@ -82,6 +98,11 @@ def test_config_reference_lists_every_key_and_the_readme_documents_them():
     readme = (REPO / "README.md").read_text()
     missing = [k for k in keys if f"`{k}`" not in readme]
     assert missing == [], f"README config reference lacks {missing}"
+    # each row as generated: the default a section's parent gives it (ray.write's 0.25 CPUs), not
+    # its class's (1), and the description as the code has it
+    stale = [r for r in rows if r not in readme]
+    assert stale == [], "README rows differ from `ssam-pipeline config-reference`:\n" + "\n".join(stale)
+    assert "| `ray.write.num_cpus` | `float` | `0.25` |" in "\n".join(rows)
 
 
 def _parquet(path, **cols):

@@ -1,5 +1,6 @@
-"""The data plane: shards written by the workers (the driver sees only keys), labelling that
-starts with the first downloaded shard, and parts that stay exactly-once under retries."""
+"""The data plane: shards written by the workers (the driver sees only keys) while the download
+runs, labelling that starts with the first downloaded shard, a killed actor survived, and parts
+that stay exactly-once under retries."""
 
 import json
 from pathlib import Path
@@ -30,37 +31,6 @@ def pairs(tmp_path, urls):
         path,
     )  # fmt: skip
     return path
-
-
-@pytest.mark.slow
-def test_workers_write_the_shards_and_the_driver_sees_only_keys(tmp_path, ray_loopback, monkeypatch):
-    routes = {f"/{i}.jpg": (200, "image/jpeg", imagefiles.jpeg(120 + 10 * i)) for i in range(6)}
-    seen_columns, received = set(), []
-
-    class Recording(ShardTracker):
-        def add(self, parts):
-            seen_columns.update(parts)
-            received.append(sum(len(json.dumps([str(v) for v in vs])) for vs in parts.values()))
-            return super().add(parts)
-
-    monkeypatch.setattr(run_mod, "ShardTracker", Recording)
-    with httpserver.ImageServer(routes) as srv:
-        cfg = load_config(
-            SMOKE,
-            [
-                f"input.path={pairs(tmp_path, [srv.url(f'/{i}.jpg') for i in range(6)])}",
-                f"output.dir={tmp_path / 'run'}",
-                "download.allow_private_hosts=true",
-                "output.samples_per_shard=2",
-            ],
-        )
-        summary = run_pipeline(cfg, log=lambda m: None)
-    assert summary.totals["written"] == 6 and validate_run(tmp_path / "run") == []
-    # The driver received the parts' keys and names, never a row's image, masks or embedding.
-    assert seen_columns == {"shard_id", "part", "keys_json"}
-    output = sum(p.stat().st_size for p in (tmp_path / "run/shards").iterdir())
-    assert sum(received) < 0.01 * output
-    assert not (tmp_path / "run/shards" / PARTS_DIR).exists()  # parts are gone once shards are written
 
 
 def test_labelling_starts_before_the_download_ends(tmp_path):
@@ -135,36 +105,67 @@ def test_parts_are_exactly_once_under_retries_and_removed_when_interrupted(tmp_p
 
 
 @pytest.mark.slow
-def test_a_killed_masks_actor_is_survived_with_every_row_once(tmp_path, ray_loopback):
+def test_workers_write_the_shards_and_a_killed_masks_actor_loses_no_row(tmp_path, ray_loopback, monkeypatch):
+    """Ray executor: shards are written while the download runs, by the workers (the driver sees
+    only the parts' keys); the masks actor, killed once the first shard is written, is restarted
+    and every row is written once.
+
+    The last three shards' photos are held by the server until then, so the download cannot end
+    first, and the masks actor is alive at the kill with rows still to come (unheld, it could
+    finish them all and be retired before the first shard is reported: nothing to kill).
+    """
     import os
     import signal
 
     import psutil
 
-    killed = []
+    routes = {f"/{i}.jpg": (200, "image/jpeg", imagefiles.jpeg(120 + 10 * i)) for i in range(12)}
+    seen_columns, received, killed = set(), [], []
 
-    def log(msg: str) -> None:
-        if msg.startswith("shard ") and not killed:
-            # only this test's Ray (its processes descend from this one), not another Ray on the machine
-            for p in psutil.Process().children(recursive=True):
-                try:
-                    cmd = " ".join(p.cmdline())
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                if "MapBatches(MaskStage)" in cmd:
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
+    class Recording(ShardTracker):
+        def add(self, parts):
+            seen_columns.update(parts)
+            received.append(sum(len(json.dumps([str(v) for v in vs])) for vs in parts.values()))
+            return super().add(parts)
 
-    cfg = load_config(
-        SMOKE,
-        [
-            f"output.dir={tmp_path / 'run'}",
-            f"input.path={REPO / 'sample/pairs.parquet'}",
-            "output.samples_per_shard=2",
-        ],
-    )
-    summary = run_pipeline(cfg, log=log)
+    monkeypatch.setattr(run_mod, "ShardTracker", Recording)
+    with httpserver.ImageServer(routes, held={f"/{i}.jpg" for i in range(6, 12)}) as srv:
+
+        def log(msg: str) -> None:
+            if msg.startswith("shard ") and not killed:
+                # only this test's Ray (its processes descend from this one), not another Ray on the machine
+                for p in psutil.Process().children(recursive=True):
+                    try:
+                        cmd = " ".join(p.cmdline())
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    if "MapBatches(MaskStage)" in cmd:
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                srv.release()
+
+        cfg = load_config(
+            SMOKE,
+            [
+                f"input.path={pairs(tmp_path, [srv.url(f'/{i}.jpg') for i in range(12)])}",
+                f"output.dir={tmp_path / 'run'}",
+                "download.allow_private_hosts=true",
+                "download.timeout_s=300",
+                "output.samples_per_shard=2",
+                # A batch is a shard here: a stage waits for a whole batch (the smoke config's 4
+                # rows, the write tasks' 64) while rows are still to come, held rows included.
+                *(f"ray.{s}.batch_size=2" for s in ("decode", "candidates", "masks", "labels", "write")),
+            ],
+        )
+        summary = run_pipeline(cfg, log=log)
     assert killed, "the masks actor was not found"
-    assert summary.totals["input_rows"] == summary.totals["written"] + summary.totals["failed"] == 12
+    # under Ray too, labelling and writing do not wait for the download to end
+    assert summary.overlap["first_shard"] < summary.overlap["download_end"], summary.overlap
+    assert summary.totals["input_rows"] == summary.totals["written"] == 12
     keys = [k for k, _, _ in iter_run_samples(tmp_path / "run")]
-    assert len(keys) == len(set(keys)) == summary.totals["written"] and validate_run(tmp_path / "run") == []
+    assert len(keys) == len(set(keys)) == 12 and validate_run(tmp_path / "run") == []
+    # The driver received the parts' keys and names, never a row's image, masks or embedding.
+    assert seen_columns == {"shard_id", "part", "keys_json"}
+    output = sum(p.stat().st_size for p in (tmp_path / "run/shards").iterdir())
+    assert sum(received) < 0.01 * output
+    assert not (tmp_path / "run/shards" / PARTS_DIR).exists()  # parts are gone once shards are written
