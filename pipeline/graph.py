@@ -124,14 +124,14 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[str], shard_dir: str, p
     # can leave the write tasks none on a cluster the pools fill (the smoke config on 2 CPUs), and
     # then no shard is written until the download ends: by default they hold none, and at most
     # ray.read.max_workers wait at once.
-    r = cfg.ray.read
+    rd = cfg.ray.read
     ds = ds.map_batches(
         read_shard_batch,
         batch_size=1,
         batch_format="numpy",
-        num_cpus=r.num_cpus,
-        resources=r.resources or None,
-        compute=ray.data.TaskPoolStrategy(size=r.max_workers),
+        num_cpus=rd.num_cpus,
+        resources=rd.resources or None,
+        compute=ray.data.TaskPoolStrategy(size=rd.max_workers),
     )
     for name, cls, args in stage_plan(cfg):
         r = getattr(cfg.ray, name)

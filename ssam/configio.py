@@ -85,20 +85,16 @@ def config_rows(model: type[BaseModel], prefix: str = "", defaults: BaseModel | 
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            sub = None
-            if defaults is not None:
-                sub = getattr(defaults, name)
-            elif not field.is_required():
-                sub = field.get_default(call_default_factory=True)
-            rows += config_rows(ann, key + ".", sub)
-            continue
         if defaults is not None:
-            default = f"`{getattr(defaults, name)!r}`"
+            value, known = getattr(defaults, name), True
+        elif field.is_required():
+            value, known = None, False
         else:
-            default = (
-                "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
-            )
+            value, known = field.get_default(call_default_factory=True), True
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += config_rows(ann, key + ".", value)
+            continue
+        default = f"`{value!r}`" if known else "required"
         type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
         rows.append(f"| `{key}` | `{type_name}` | {default} | {field.description or ''} |")
     return rows
