@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from ssam.configio import load_validated
+from ssam.configio import Section, load_validated
 
 
 class TrainConfigError(ValueError):
     """The training config is wrong; the message names the file and the key."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSection(_Section):
+class ModelSection(Section):
     size: str = Field("vit_b", description="SAM size: vit_h, vit_l, vit_b, smoke")
     sam_checkpoint: str | None = Field(
         None,
@@ -44,7 +40,7 @@ class ModelSection(_Section):
         return self
 
 
-class DataSection(_Section):
+class DataSection(Section):
     shards: list[str] = Field(
         [], description="our shard tars: files, folders (RUN/shards), globs; --shards overrides"
     )
@@ -109,7 +105,7 @@ class DataSection(_Section):
         return self
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     max_steps: int = Field(1000, ge=1, description="optimizer steps")
     batch_size: int = Field(4, ge=1, description="images per step (per worker)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
@@ -166,7 +162,7 @@ class TrainSection(_Section):
         return self
 
 
-class PredictSection(_Section):
+class PredictSection(Section):
     """Automatic-mode thresholds written into ``model.pt``: ``ssam-predict`` and ``ssam-eval`` use
     them unless their flags say otherwise. SAM's own (0.88, 0.95) suit a model that starts from SAM;
     a small model trained from scratch has softer, less certain masks and needs lower ones."""
@@ -180,7 +176,7 @@ class PredictSection(_Section):
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
