@@ -214,10 +214,68 @@ def run_ray(
             on_shard(int(result["shard_id"]))
 
     ds = build_dataset(cfg, shard_stems, shard_dir, provenance)
-    for parts in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for parts in _batches_while_polling(ds, lambda: collect(0) if running else None):
         for sid in tracker.add(parts):
             running[finalize.remote(str(shard_dir), sid, provenance)] = sid
         if running:
             collect(0)
     while running:
         collect(None)
+
+
+_END = object()
+
+
+def _batches_while_polling(ds, poll: Callable[[], None], every_s: float = 0.5):
+    """``ds.iter_batches`` (the parts' keys), with ``poll`` called at least every ``every_s`` while
+    the next batch is awaited.
+
+    The driver records a shard (manifest, progress, ``on_shard``) when its write task ends, which it
+    learns by polling. Polled only between batches, a written shard went unreported for as long as
+    the graph's next output took: until the download ended, when rows waited for it. So the batches
+    are pulled by a thread of their own and handed over through a queue.
+    """
+    import queue
+    import threading
+
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def pull() -> None:
+        item = _END
+        try:
+            for parts in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                while not stop.is_set():
+                    try:
+                        handoff.put(parts, timeout=every_s)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 -- handed to the driver's thread, which raises it
+            item = e
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=every_s)
+                return
+            except queue.Full:
+                pass
+
+    puller = threading.Thread(target=pull, name="ssam-graph-output", daemon=True)
+    puller.start()
+    try:
+        while True:
+            try:
+                item = handoff.get(timeout=every_s)
+            except queue.Empty:
+                poll()
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # a driver that stops early (an error) lets the puller go
+        puller.join(timeout=5)

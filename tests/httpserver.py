@@ -11,7 +11,8 @@ class ImageServer:
     """``with ImageServer({"/a.jpg": (200, "image/jpeg", b"...")}) as srv: srv.url("/a.jpg")``.
 
     A route may carry a fourth element, extra headers (``{"Location": ...}`` for a redirect).
-    Paths in ``held`` are answered only once :meth:`release` is called (or after ``hold_s``).
+    Paths in ``held`` are answered only once :meth:`release` is called, or after ``hold_s``
+    (counted in ``held_too_long``).
     Binds ``host`` (127.0.0.1, or another loopback address) on a free port; stopped on exit.
     """
 
@@ -27,14 +28,15 @@ class ImageServer:
         self.delays = delays or {}  # path -> seconds to wait before answering
         self.held, self.released = set(held), threading.Event()
         self.hits: dict[str, int] = {}
+        self.held_too_long = 0  # held requests answered because hold_s ran out, not release()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 -- http.server's naming
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 time.sleep(server.delays.get(self.path, 0))
-                if self.path in server.held:
-                    server.released.wait(hold_s)
+                if self.path in server.held and not server.released.wait(hold_s):
+                    server.held_too_long += 1
                 status, ctype, body, *extra = server.routes.get(self.path, (404, "text/plain", b"not found"))
                 self.send_response(status)
                 for name, value in (extra[0] if extra else {}).items():  # e.g. a redirect's Location

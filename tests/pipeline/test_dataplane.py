@@ -129,7 +129,8 @@ def test_workers_write_the_shards_and_a_killed_masks_actor_loses_no_row(tmp_path
             return super().add(parts)
 
     monkeypatch.setattr(run_mod, "ShardTracker", Recording)
-    with httpserver.ImageServer(routes, held={f"/{i}.jpg" for i in range(6, 12)}) as srv:
+    held = {f"/{i}.jpg" for i in range(6, 12)}
+    with httpserver.ImageServer(routes, held=held, hold_s=150) as srv:
 
         def log(msg: str) -> None:
             if msg.startswith("shard ") and not killed:
@@ -150,7 +151,7 @@ def test_workers_write_the_shards_and_a_killed_masks_actor_loses_no_row(tmp_path
                 f"input.path={pairs(tmp_path, [srv.url(f'/{i}.jpg') for i in range(12)])}",
                 f"output.dir={tmp_path / 'run'}",
                 "download.allow_private_hosts=true",
-                "download.timeout_s=300",
+                "download.timeout_s=300",  # longer than the holds
                 "output.samples_per_shard=2",
                 # A batch is a shard here: a stage waits for a whole batch (the smoke config's 4
                 # rows, the write tasks' 64) while rows are still to come, held rows included.
@@ -159,6 +160,8 @@ def test_workers_write_the_shards_and_a_killed_masks_actor_loses_no_row(tmp_path
         )
         summary = run_pipeline(cfg, log=log)
     assert killed, "the masks actor was not found"
+    # the first shard was reported while rows were still held (not once the holds ran out)
+    assert srv.held_too_long == 0, "no shard was reported until the held downloads timed out"
     # under Ray too, labelling and writing do not wait for the download to end
     assert summary.overlap["first_shard"] < summary.overlap["download_end"], summary.overlap
     assert summary.totals["input_rows"] == summary.totals["written"] == 12
@@ -169,3 +172,28 @@ def test_workers_write_the_shards_and_a_killed_masks_actor_loses_no_row(tmp_path
     output = sum(p.stat().st_size for p in (tmp_path / "run/shards").iterdir())
     assert sum(received) < 0.01 * output
     assert not (tmp_path / "run/shards" / PARTS_DIR).exists()  # parts are gone once shards are written
+
+
+def test_the_driver_polls_for_written_shards_while_the_graph_output_waits_and_gets_its_errors(ray_loopback):
+    # The driver learns that a shard's write task ended by polling; it must keep polling while the
+    # graph's next output is still to come (rows waiting for their download), and an error of the
+    # graph must still reach it.
+    import time
+
+    import ray
+
+    from ssam.pipeline.graph import _batches_while_polling
+
+    def slow(batch):
+        time.sleep(2)
+        if batch["id"][0] == 3:
+            raise ValueError("row 3 is bad")
+        return batch
+
+    ds = ray.data.range(4, override_num_blocks=4).map_batches(slow, batch_size=1, num_cpus=1)
+    polls, got = [], []
+    with pytest.raises(Exception, match="row 3 is bad"):
+        for batch in _batches_while_polling(ds, lambda: polls.append(time.monotonic()), every_s=0.1):
+            got.extend(batch["id"].tolist())
+    assert len(polls) >= 10, polls  # ~2 s waited before the first output
+    assert set(got) <= {0, 1, 2}
