@@ -17,8 +17,9 @@ built from its helpers. What differs is where and how often the work happens:
 * only the masks that survive NMS are upscaled again and run-length encoded, on the device, and
   leave it as run counts in one transfer.
 
-Added on top: ``min_mask_area`` (empty and degenerate masks are dropped), ``max_masks``, the
-semantic embedding and score of each mask for a Semantic-SAM, and CUDA out-of-memory halving.
+Added on top: ``min_mask_area`` (empty and degenerate masks are dropped before NMS, so they
+suppress no other mask), ``max_masks``, the semantic embedding and score of each mask for a
+Semantic-SAM, and CUDA out-of-memory halving.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ encoder still runs batched over the images of a batch); it is kept to compare ag
 
 Both honour every generator setting in ``masks:``, with one set of defaults
 (:class:`~ssam.model.amg.AmgSettings`), and both drop masks smaller than ``masks.min_mask_area``
-before anything is written. A CUDA out-of-memory error halves the batch and retries; a row that
+before anything is written: the batched engine before its box NMS, so that a degenerate mask
+suppresses no other; the reference after its generator's NMS, which it leaves untouched. Where a
+too-small mask would have suppressed a larger one, only the batched engine keeps the larger one
+(benchmarks/README.md measures it). A CUDA out-of-memory error halves the batch and retries; a row that
 still does not fit alone fails as ``gpu_oom``.
 """
 
