@@ -1,5 +1,6 @@
-"""The path a user takes on a cluster: ``ray start`` (head + worker node), then ``ray job submit``
-of ``ssam-pipeline run`` from the project's own environment, with token authentication."""
+"""The path a user takes on a cluster: ``ray start`` (head + two worker nodes), then ``ray job
+submit`` of ``ssam-pipeline run`` from the project's own environment, with token authentication;
+the work spreads over both worker nodes."""
 
 import json
 import subprocess
@@ -13,8 +14,10 @@ from ssam.format import iter_run_samples, validate_run
 
 @pytest.fixture
 def cli_cluster():
-    # The head only drives (0 CPUs); the worker node holds every CPU and the `node_a` resource.
-    c = RayCliCluster([{"num_cpus": 2, "resources": {"node_a": 1}}]).start()
+    # The head only drives (0 CPUs); each worker node has two CPUs and a resource of its own.
+    c = RayCliCluster(
+        [{"num_cpus": 2, "resources": {"node_a": 1}}, {"num_cpus": 2, "resources": {"node_b": 1}}]
+    ).start()
     yield c
     c.stop()
     assert c.processes() == [], "cluster processes left running"
@@ -43,11 +46,14 @@ def submit(c: RayCliCluster, *entrypoint: str, env=None, timeout=600) -> subproc
 
 @pytest.mark.cluster
 def test_ray_job_submit_runs_the_pipeline_on_a_cli_started_cluster(cli_cluster, tmp_path):
+    # The head has no CPU, masks may only run where node_a is, labels where node_b is, and the
+    # download runs as Ray tasks: the job can finish only if both worker nodes did their part.
     out = tmp_path / "run"
     job = submit(
         cli_cluster,
         "ssam-pipeline", "run", "configs/pipeline/smoke.yaml", "--output", str(out),
-        "--set", "ray.masks.resources={node_a: 1}", "--set", "output.samples_per_shard=6",
+        "--set", "ray.masks.resources={node_a: 1}", "--set", "ray.labels.resources={node_b: 1}",
+        "--set", "download.distributor=ray", "--set", "output.samples_per_shard=6",
     )  # fmt: skip
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
