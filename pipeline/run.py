@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,9 +132,33 @@ def prepare(cfg: PipelineConfig, run: str, files: list[str]) -> int:
     return n_rows
 
 
+@dataclass
+class DownloadProcess:
+    """The img2dataset process :func:`start_download` started, and the thread watching it."""
+
+    process: subprocess.Popen
+    thread: threading.Thread
+
+    def join(self) -> None:
+        """Wait until the download has ended and ``DOWNLOAD_DONE`` is written."""
+        self.thread.join()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """End the download early, as Ctrl-C would: img2dataset's SIGINT handler stops its
+        process pool and its logger and removes its temporary files (its Ray tasks end with its
+        driver). Killed after ``grace_s``. A rerun downloads what is missing."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 def start_download(
     downloader: Downloader, input_parquet: str, download_dir: str, ray_address: str | None = None
-) -> threading.Thread:
+) -> DownloadProcess:
     """Run img2dataset in its own process (it installs signal handlers, which only the main
     thread of a process may do), watched by a thread of this one, so that the graph can label
     each shard as soon as it is complete. ``DOWNLOAD_DONE`` is written in ``download_dir`` when
@@ -177,7 +202,7 @@ def start_download(
 
     thread = threading.Thread(target=watch, name="img2dataset-watch", daemon=True)
     thread.start()
-    return thread
+    return DownloadProcess(proc, thread)
 
 
 def collect_totals(run: str, input_rows: int) -> dict:
@@ -276,13 +301,18 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> RunSummary:
 
             ray_address = ray.get_runtime_context().gcs_address
         download_input = storage.join(run, "work", "download_input.parquet")
-        thread = start_download(downloader, download_input, downloads, ray_address)
+        download = start_download(downloader, download_input, downloads, ray_address)
         executor = run_ray if cfg.ray.executor == "ray" else run_local
         try:
             stems = [storage.join(downloads, f"{sid:05d}") for sid in sorted(pending)]
             executor(cfg, stems, tracker, shard_dir, provenance, on_shard=on_shard)
+        except BaseException:
+            # The graph failed (or Ctrl-C): nothing will read the rest of the download, so it is
+            # stopped rather than waited for, which could take as long as the whole download.
+            download.stop()
+            raise
         finally:
-            thread.join()
+            download.join()
         if downloader.error is not None:
             raise RuntimeError(f"img2dataset failed: {downloader.error}")
         timing["download_end"] = downloader.finished_at

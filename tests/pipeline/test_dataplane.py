@@ -56,6 +56,47 @@ def test_labelling_starts_before_the_download_ends(tmp_path):
     assert any(line.startswith("first shard written after") for line in summary.lines())
 
 
+def test_a_failed_graph_stops_the_download_instead_of_waiting_for_it_and_a_rerun_completes(
+    tmp_path, monkeypatch
+):
+    # The labels stage cannot start (as when its model does not load) while the last shard's photos
+    # are still held by the server: the run fails at once with that error, img2dataset is stopped,
+    # not waited for, and a rerun downloads what is missing and writes every row.
+    import psutil
+
+    from ssam.stages.labels import LabelStage
+
+    routes = {f"/{i}.jpg": (200, "image/jpeg", imagefiles.jpeg(120 + 10 * i)) for i in range(6)}
+    overrides = [
+        f"output.dir={tmp_path / 'run'}",
+        "download.allow_private_hosts=true",
+        "download.timeout_s=120",
+        "output.samples_per_shard=2",
+        "ray.executor=local",
+    ]
+    with httpserver.ImageServer(routes, held={"/4.jpg", "/5.jpg"}, hold_s=90) as srv:
+        urls = [srv.url(f"/{i}.jpg") for i in range(6)]
+        cfg = load_config(SMOKE, [f"input.path={pairs(tmp_path, urls)}", *overrides])
+
+        def broken(self, *args, **kwargs):
+            raise RuntimeError("the CLIP weights did not load")
+
+        with monkeypatch.context() as m:
+            m.setattr(LabelStage, "__init__", broken)
+            with pytest.raises(RuntimeError, match="the CLIP weights did not load"):
+                run_pipeline(cfg, log=lambda msg: None)
+        assert srv.held_too_long == 0, "the failed run waited for the held downloads"
+        downloads = [
+            p for p in psutil.Process().children(recursive=True)
+            if "ssam.pipeline.download_process" in " ".join(p.cmdline())
+        ]  # fmt: skip
+        assert downloads == [], "img2dataset still runs after the run failed"
+        srv.release()
+        summary = run_pipeline(cfg, log=lambda msg: None)
+    assert summary.totals["input_rows"] == summary.totals["written"] == 6
+    assert validate_run(tmp_path / "run") == []
+
+
 def _row(key: str, sid: int, ok: bool) -> dict:
     return {
         "key": key, "shard_id": sid, "url": f"http://x/{key}.jpg", "caption": "a dog", "sha256": "",
