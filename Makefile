@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/ssam-pipeline run configs/pipeline/$(if $(SMOKE),smoke,sample).yaml $(ARGS)
 
 # make test       lint, then every test (what CI runs), with the 25 slowest listed
-# make test-fast  the tests not marked slow or cluster: under a minute, while working
+# make test-fast  the tests not marked slow or cluster: about 3 minutes, while working
 test: lint
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 

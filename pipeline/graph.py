@@ -241,26 +241,25 @@ def _batches_while_polling(ds, poll: Callable[[], None], every_s: float = 0.5):
     handoff: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        """Hand ``item`` over; False if the driver stopped first."""
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=every_s)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def pull() -> None:
         item = _END
         try:
             for parts in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                while not stop.is_set():
-                    try:
-                        handoff.put(parts, timeout=every_s)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not offer(parts):
                     return
         except BaseException as e:  # noqa: BLE001 -- handed to the driver's thread, which raises it
             item = e
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=every_s)
-                return
-            except queue.Full:
-                pass
+        offer(item)
 
     puller = threading.Thread(target=pull, name="ssam-graph-output", daemon=True)
     puller.start()
