@@ -131,7 +131,8 @@ def build_dataset(cfg: PipelineConfig, shard_stems: list[str], shard_dir: str, p
         batch_format="numpy",
         num_cpus=rd.num_cpus,
         resources=rd.resources or None,
-        compute=ray.data.TaskPoolStrategy(size=rd.max_workers),
+        # no more tasks than shards (Ray Data warns of a pool larger than its inputs)
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(rd.max_workers, len(shard_stems)))),
     )
     for name, cls, args in stage_plan(cfg):
         r = getattr(cfg.ray, name)
