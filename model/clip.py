@@ -9,6 +9,7 @@ open_clip's bundled BPE tokenizer) registered with ``open_clip.add_model_config`
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: st
                 cache_dir=str(cache_dir() / "open_clip"),
                 require_pretrained=not smoke,
             )
-        except (RuntimeError, OSError, ValueError) as e:  # a corrupt or mismatched checkpoint
+        # a corrupt or mismatched checkpoint (torch raises an unpickling error for a corrupt one)
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
             raise WeightsUnavailable(f"CLIP {model_name}/{pretrained}: {e}") from e
     model.eval()
     size = model.visual.image_size

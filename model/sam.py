@@ -197,10 +197,15 @@ def load_sam(name: str, checkpoint: str | None, seed: int = 0) -> tuple[Sam, dic
         "smoke": get_sam_size(name).smoke,
     }
     if path is not None:
-        from ssam.weights import sha256_file
+        from ssam.weights import WeightsUnavailable, load_weights_file, sha256_file
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        sam.load_state_dict(state)
+        state = load_weights_file(path, f"SAM {name} checkpoint")
+        try:
+            sam.load_state_dict(state)
+        except RuntimeError as e:  # another architecture's weights: keys or shapes do not fit
+            raise WeightsUnavailable(
+                f"SAM {name} checkpoint {path} does not fit {name}: {str(e)[:300]}"
+            ) from e
         provenance["checkpoint_sha256"] = sha256_file(path)
     else:
         provenance["seed"] = seed

@@ -25,6 +25,7 @@ import torch
 
 from ssam.device import resolve_device
 from ssam.io import atomic_path
+from ssam.weights import load_weights_file
 
 from .amg import AmgSettings, MaskEngine
 from .calibration import IouCalibration, best_match_ious
@@ -168,7 +169,7 @@ class Trainer:
 
         path = None if m.random_init else resolve_sam_checkpoint(m.size, m.sam_checkpoint)
         if path is not None:
-            load_sam_weights(model, torch.load(path, map_location="cpu", weights_only=True), path)
+            load_sam_weights(model, load_weights_file(path, f"SAM {m.size} checkpoint"), path)
         return model.train()
 
     # ------------------------------------------------------------------------------------------

@@ -18,6 +18,22 @@ class WeightsUnavailable(RuntimeError):
     """A model's weights could not be found locally or fetched."""
 
 
+def load_weights_file(path: str | os.PathLike, what: str) -> dict:
+    """``torch.load`` of a weights file (``weights_only=True``, on the CPU); a file that is not one
+    raises :class:`WeightsUnavailable` naming ``what`` and the file (torch's own errors for a
+    corrupt file, an unpickling error among them, name neither)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsUnavailable(f"{what} {path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt or unsafe files
+        raise WeightsUnavailable(
+            f"{what} {path}: not a loadable weights file ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+
+
 def cache_dir() -> Path:
     """``$SSAM_CACHE`` or ``~/.cache/ssam``: where fetched weights live."""
     return Path(os.environ.get("SSAM_CACHE", Path.home() / ".cache" / "ssam"))

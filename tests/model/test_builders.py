@@ -50,6 +50,19 @@ def test_missing_checkpoint_is_a_clear_error_never_random_weights(tmp_path):
         sam_mod.load_sam("vit_b", None)  # the tests run with SSAM_OFFLINE=1
 
 
+def test_a_corrupt_or_foreign_checkpoint_is_refused_naming_the_file(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailable, match=f"SAM smoke checkpoint {junk}: not a loadable weights file"):
+        sam_mod.load_sam("smoke", str(junk))
+    with pytest.raises(WeightsUnavailable, match=f"CLIP {SMOKE_CLIP}/{junk}"):
+        load_clip(SMOKE_CLIP, str(junk))
+    foreign = tmp_path / "clip_as_sam.pth"  # a real weights file of another model
+    torch.save(load_clip(SMOKE_CLIP, None).model.state_dict(), foreign)
+    with pytest.raises(WeightsUnavailable, match=f"SAM smoke checkpoint {foreign} does not fit smoke"):
+        sam_mod.load_sam("smoke", str(foreign))
+
+
 def test_fetch_downloads_once_and_checks_sha256(tmp_path, monkeypatch):
     body = b"weights" * 1000
     monkeypatch.setenv("SSAM_OFFLINE", "0")

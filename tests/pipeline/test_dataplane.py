@@ -3,6 +3,7 @@ runs, labelling that starts with the first downloaded shard, a killed actor surv
 that stay exactly-once under retries."""
 
 import json
+import re
 from pathlib import Path
 
 import httpserver
@@ -18,6 +19,7 @@ from ssam.pipeline.config import load_config
 from ssam.pipeline.run import run_pipeline
 from ssam.stages.common import OK
 from ssam.stages.write import PART_SCHEMA, ShardTracker, finalize_shard, part_dir, write_parts
+from ssam.weights import WeightsUnavailable
 
 SMOKE = REPO / "configs/pipeline/smoke.yaml"
 
@@ -56,15 +58,15 @@ def test_labelling_starts_before_the_download_ends(tmp_path):
     assert any(line.startswith("first shard written after") for line in summary.lines())
 
 
-def test_a_failed_graph_stops_the_download_instead_of_waiting_for_it_and_a_rerun_completes(
-    tmp_path, monkeypatch
-):
-    # The labels stage cannot start (as when its model does not load) while the last shard's photos
+def test_a_failed_graph_stops_the_download_instead_of_waiting_for_it_and_a_rerun_completes(tmp_path):
+    # The labels stage cannot start (its CLIP checkpoint is corrupt) while the last shard's photos
     # are still held by the server: the run fails at once with that error, img2dataset is stopped,
-    # not waited for, and a rerun downloads what is missing and writes every row.
+    # not waited for, and a rerun with the checkpoint replaced downloads what is missing and writes
+    # every row.
     import psutil
+    import torch
 
-    from ssam.stages.labels import LabelStage
+    from ssam.model.clip import load_clip
 
     routes = {f"/{i}.jpg": (200, "image/jpeg", imagefiles.jpeg(120 + 10 * i)) for i in range(6)}
     overrides = [
@@ -76,15 +78,12 @@ def test_a_failed_graph_stops_the_download_instead_of_waiting_for_it_and_a_rerun
     ]
     with httpserver.ImageServer(routes, held={"/4.jpg", "/5.jpg"}, hold_s=90) as srv:
         urls = [srv.url(f"/{i}.jpg") for i in range(6)]
-        cfg = load_config(SMOKE, [f"input.path={pairs(tmp_path, urls)}", *overrides])
-
-        def broken(self, *args, **kwargs):
-            raise RuntimeError("the CLIP weights did not load")
-
-        with monkeypatch.context() as m:
-            m.setattr(LabelStage, "__init__", broken)
-            with pytest.raises(RuntimeError, match="the CLIP weights did not load"):
-                run_pipeline(cfg, log=lambda msg: None)
+        overrides.append(f"input.path={pairs(tmp_path, urls)}")
+        corrupt = tmp_path / "clip.pt"
+        corrupt.write_bytes(b"not a checkpoint")
+        cfg = load_config(SMOKE, [*overrides, f"labels.clip_pretrained={corrupt}"])
+        with pytest.raises(WeightsUnavailable, match=re.escape(f"CLIP ssam-smoke-clip/{corrupt}")):
+            run_pipeline(cfg, log=lambda msg: None)
         assert srv.held_too_long == 0, "the failed run waited for the held downloads"
         downloads = [
             p for p in psutil.Process().children(recursive=True)
@@ -92,6 +91,8 @@ def test_a_failed_graph_stops_the_download_instead_of_waiting_for_it_and_a_rerun
         ]  # fmt: skip
         assert downloads == [], "img2dataset still runs after the run failed"
         srv.release()
+        # the checkpoint copied again, whole this time: the same configuration, so the run resumes
+        torch.save(load_clip("ssam-smoke-clip", None).model.state_dict(), corrupt)
         summary = run_pipeline(cfg, log=lambda msg: None)
     assert summary.totals["input_rows"] == summary.totals["written"] == 6
     assert validate_run(tmp_path / "run") == []
