@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from ssam.io import atomic_path
+from ssam.weights import load_weights_file
 
 from .calibration import IouCalibration
 from .sam import build_sam_modules, get_sam_size
@@ -333,14 +334,7 @@ def save_model(path, model: SemanticSam, clip_info: dict, extra: dict | None = N
 
 def read_checkpoint(path) -> dict:
     """Load one of our checkpoints with ``weights_only=True``; refuse anything else by name."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt or unsafe files
-        raise CheckpointError(
-            f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})"
-        ) from e
+    payload = load_weights_file(path, error=CheckpointError, kind="checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         kind = (
             "a SAM state dict (use it as model.sam_checkpoint to initialise training)"

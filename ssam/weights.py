@@ -18,20 +18,24 @@ class WeightsUnavailable(RuntimeError):
     """A model's weights could not be found locally or fetched."""
 
 
-def load_weights_file(path: str | os.PathLike, what: str) -> dict:
-    """``torch.load`` of a weights file (``weights_only=True``, on the CPU); a file that is not one
-    raises :class:`WeightsUnavailable` naming ``what`` and the file (torch's own errors for a
-    corrupt file, an unpickling error among them, name neither)."""
+def load_weights_file(
+    path: str | os.PathLike,
+    what: str = "",
+    error: type[Exception] = WeightsUnavailable,
+    kind: str = "weights file",
+) -> dict:
+    """``torch.load`` of a weights file (``weights_only=True``, on the CPU). A missing file, or one
+    that is not a weights file, raises ``error`` naming ``what`` (e.g. "SAM vit_b checkpoint") and
+    the file: torch's own errors for a corrupt file, an unpickling error among them, name neither."""
     import torch
 
+    name = f"{what} {path}" if what else str(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise WeightsUnavailable(f"{what} {path}: no such file") from None
+        raise error(f"{name}: no such {kind}") from None
     except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt or unsafe files
-        raise WeightsUnavailable(
-            f"{what} {path}: not a loadable weights file ({type(e).__name__}: {str(e)[:200]})"
-        ) from e
+        raise error(f"{name}: not a loadable {kind} ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def cache_dir() -> Path:
