@@ -214,12 +214,15 @@ def run_ray(
             tracker.record(result)
             on_shard(int(result["shard_id"]))
 
-    ds = build_dataset(cfg, shard_stems, shard_dir, provenance)
-    for parts in _batches_while_polling(ds, lambda: collect(0) if running else None):
-        for sid in tracker.add(parts):
-            running[finalize.remote(str(shard_dir), sid, provenance)] = sid
+    def poll() -> None:  # record the shards whose write task has ended, without waiting
         if running:
             collect(0)
+
+    ds = build_dataset(cfg, shard_stems, shard_dir, provenance)
+    for parts in _batches_while_polling(ds, poll):
+        for sid in tracker.add(parts):
+            running[finalize.remote(str(shard_dir), sid, provenance)] = sid
+        poll()
     while running:
         collect(None)
 

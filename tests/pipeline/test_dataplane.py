@@ -35,6 +35,21 @@ def pairs(tmp_path, urls):
     return path
 
 
+def _children_running(fragment: str) -> list:
+    """This process's descendants whose command line holds ``fragment`` (only this test's Ray and
+    download, not another on the machine); one that exits while listed is passed over."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if fragment in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 def test_labelling_starts_before_the_download_ends(tmp_path):
     # Three shards of two photos; the last shard's photos are served 12 s late, so the download
     # cannot end before the first shard could be labelled and written -- if the graph streams.
@@ -63,7 +78,6 @@ def test_a_failed_graph_stops_the_download_instead_of_waiting_for_it_and_a_rerun
     # are still held by the server: the run fails at once with that error, img2dataset is stopped,
     # not waited for, and a rerun with the checkpoint replaced downloads what is missing and writes
     # every row.
-    import psutil
     import torch
 
     from ssam.model.clip import load_clip
@@ -85,11 +99,7 @@ def test_a_failed_graph_stops_the_download_instead_of_waiting_for_it_and_a_rerun
         with pytest.raises(WeightsUnavailable, match=re.escape(f"CLIP ssam-smoke-clip/{corrupt}")):
             run_pipeline(cfg, log=lambda msg: None)
         assert srv.held_too_long == 0, "the failed run waited for the held downloads"
-        downloads = [
-            p for p in psutil.Process().children(recursive=True)
-            if "ssam.pipeline.download_process" in " ".join(p.cmdline())
-        ]  # fmt: skip
-        assert downloads == [], "img2dataset still runs after the run failed"
+        assert _children_running("ssam.pipeline.download_process") == [], "img2dataset still runs"
         srv.release()
         # the checkpoint copied again, whole this time: the same configuration, so the run resumes
         torch.save(load_clip("ssam-smoke-clip", None).model.state_dict(), corrupt)
@@ -159,8 +169,6 @@ def test_workers_write_the_shards_and_a_killed_masks_actor_loses_no_row(tmp_path
     import os
     import signal
 
-    import psutil
-
     routes = {f"/{i}.jpg": (200, "image/jpeg", imagefiles.jpeg(120 + 10 * i)) for i in range(12)}
     seen_columns, received, killed = set(), [], []
 
@@ -176,15 +184,9 @@ def test_workers_write_the_shards_and_a_killed_masks_actor_loses_no_row(tmp_path
 
         def log(msg: str) -> None:
             if msg.startswith("shard ") and not killed:
-                # only this test's Ray (its processes descend from this one), not another Ray on the machine
-                for p in psutil.Process().children(recursive=True):
-                    try:
-                        cmd = " ".join(p.cmdline())
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        continue
-                    if "MapBatches(MaskStage)" in cmd:
-                        os.kill(p.pid, signal.SIGKILL)
-                        killed.append(p.pid)
+                for p in _children_running("MapBatches(MaskStage)"):
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
                 srv.release()
 
         cfg = load_config(
