@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +48,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.profiler import record_function
 from torchvision.ops import batched_nms
 
-from ssam.device import CompiledOrEager
+from ssam.device import CompiledOrEager, bf16_autocast, use_bf16
 from ssam.oom import Failed, run_halving_on_oom
 from ssam.overlay import decode_rles
 
@@ -78,7 +77,8 @@ class AmgSettings:
     min_mask_area: int = 16  # ours: drop masks with fewer pixels (empty, degenerate); 0 keeps them
     max_masks: int = 256  # ours: masks kept per image, highest predicted IoU first
     encoder_batch_size: int = 4  # images or crops per image-encoder forward
-    bf16: bool = True  # CUDA: encoder under bf16 autocast, mask decoder in bf16 (ignored elsewhere)
+    bf16: bool = True  # CUDA: encoder under bf16 autocast, mask decoder in bf16
+    cpu_bf16: bool = False  # the same on a CPU with AVX512-BF16 or AMX (ssam.device.use_bf16)
     compile_encoder: bool = True  # torch.compile the image encoder on CUDA (ignored elsewhere)
     compile_decoder: bool = True  # torch.compile the prompt-batched mask decoder on CUDA (ignored elsewhere)
 
@@ -105,13 +105,6 @@ class ImageMasks:
     score: np.ndarray | None = None  # N predicted cosine scores (Semantic-SAM only)
     masks: np.ndarray | None = None  # NxHxW bool, when generate(return_masks=True)
     failure: str | None = None  # "gpu_oom": out of GPU memory even alone (records are then empty)
-
-
-def bf16_autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when ``enabled``; a no-op context elsewhere."""
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
-    )
 
 
 def resize_image(image_hwc: np.ndarray, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -256,7 +249,8 @@ def sam_image_features(
     model: Sam, images: Sequence[np.ndarray], batch_size: int, bf16: bool, encoder=None
 ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """Image-encoder features ``1xCxhxw`` (float32) and resized input size ``(h, w)`` of each HxWx3
-    uint8 RGB image, ``batch_size`` images per forward (``encoder``: e.g. a compiled one)."""
+    uint8 RGB image, ``batch_size`` images per forward (``encoder``: e.g. a compiled one), under
+    bf16 autocast when ``bf16`` (as ``ssam.device.use_bf16`` decided for the model's device)."""
     # `is None`, not `or`: a compiled module has no truth value (its __len__ raises)
     size = model.image_encoder.img_size
     encoder = model.image_encoder if encoder is None else encoder
@@ -433,8 +427,9 @@ class MaskEngine:
         if cuda:  # fused attention kernels; this model instance only (see model/sdpa.py)
             enable_sdpa(model)
         self.encoder = CompiledOrEager(model.image_encoder, s.compile_encoder and cuda, "the image encoder")
-        # The engine's decoder: a bf16 snapshot on CUDA (see bf16_decoder), else the model's own.
-        self.decoder = bf16_decoder(model) if cuda and s.bf16 else model.mask_decoder
+        self.bf16 = use_bf16(self.device, s.bf16, s.cpu_bf16)
+        # The engine's decoder: a bf16 snapshot (see bf16_decoder), else the model's own.
+        self.decoder = bf16_decoder(model) if self.bf16 else model.mask_decoder
         # Compiling fuses the decoder's many elementwise passes over P x 4096 image tokens (adds of
         # positional encodings, residuals, norms, GELUs); the last chunk's other size compiles once
         # more. Two parts: the masks part runs only for the prompts whose predicted IoU lets a mask
@@ -461,7 +456,7 @@ class MaskEngine:
         return [
             f
             for f, _ in sam_image_features(
-                self.model, images, self.s.encoder_batch_size, self.s.bf16, self.encoder
+                self.model, images, self.s.encoder_batch_size, self.bf16, self.encoder
             )
         ]
 

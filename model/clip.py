@@ -18,6 +18,7 @@ import numpy as np
 import open_clip
 import torch
 
+from ssam.device import bf16_autocast
 from ssam.weights import WeightsUnavailable, cache_dir, offline, offline_reason
 
 SMOKE_CLIP = "ssam-smoke-clip"
@@ -141,13 +142,13 @@ def encode_images(
 ) -> np.ndarray:
     """L2-normalised image embeddings, float32 ``[B, D]``, of preprocessed images ``BxCxHxW``.
 
-    ``bf16``: run the image tower under bfloat16 autocast (CUDA only; ignored elsewhere).
+    ``bf16``: run the image tower under bfloat16 autocast (as ``ssam.device.use_bf16`` decided).
     ``encode``: what runs it (default ``bundle.model.encode_image``; e.g. a compiled one).
     """
     param = next(bundle.model.parameters())
-    autocast = bf16 and param.device.type == "cuda"
+    autocast = bf16
     # under autocast the pixels stay float32 (autocast casts per op); otherwise the model's own dtype
     pixels = pixels_bchw.to(param.device, dtype=torch.float32 if autocast else param.dtype)
-    with torch.autocast(device_type=param.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(param.device, autocast):
         emb = (bundle.model.encode_image if encode is None else encode)(pixels).float()
     return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()

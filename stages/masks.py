@@ -28,8 +28,8 @@ from pydantic import Field, model_validator
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from ssam.configio import Section
-from ssam.device import keep_freed_memory, resolve_device
-from ssam.model.amg import AmgSettings, MaskEngine, bf16_autocast, sam_image_features
+from ssam.device import bf16_autocast, keep_freed_memory, resolve_device, use_bf16
+from ssam.model.amg import AmgSettings, MaskEngine, sam_image_features
 
 from .common import ROW_COLUMNS, RowFailure, Stage, map_rows, ok_indices
 
@@ -47,6 +47,10 @@ class MasksConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda")
     bf16: bool = Field(
         AMG.bf16, description="CUDA: bf16 autocast encoder, bf16 mask decoder (batched engine)"
+    )
+    cpu_bf16: bool = Field(
+        AMG.cpu_bf16,
+        description="CPU with AVX512-BF16 or AMX: bf16 as on CUDA (x1.9 for vit_b here; else float32)",
     )
     compile_encoder: bool = Field(
         AMG.compile_encoder, description="batched engine on CUDA: torch.compile the image encoder"
@@ -114,6 +118,7 @@ class MasksConfig(Section):
             max_masks=self.max_masks_per_image,
             encoder_batch_size=self.encoder_batch_size,
             bf16=self.bf16,
+            cpu_bf16=self.cpu_bf16,
             compile_encoder=self.compile_encoder,
             compile_decoder=self.compile_decoder,
         )
@@ -214,13 +219,15 @@ class MaskStage(Stage):
 
     def embed(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """Reference engine: image-encoder features ``1xCxhxw`` and resized input size per image, batched."""
-        return sam_image_features(self.sam, images, self.cfg.encoder_batch_size, self.cfg.bf16)
+        bf16 = use_bf16(self.device, self.cfg.bf16, self.cfg.cpu_bf16)
+        return sam_image_features(self.sam, images, self.cfg.encoder_batch_size, bf16)
 
     @torch.inference_mode()
     def reference_records(self, image: np.ndarray, features: torch.Tensor, input_size) -> list[dict]:
         """segment-anything's generator on one image, highest predicted IoU first."""
         self.predictor.preload(image, features, input_size)
-        with bf16_autocast(self.device, self.cfg.bf16):
+        # CUDA only: under a CPU's autocast the generator hands a bf16 tensor to numpy (TypeError)
+        with bf16_autocast(self.device, self.device.type == "cuda" and self.cfg.bf16):
             records = self.generator.generate(image)
         records.sort(key=lambda r: -r["predicted_iou"])
         return records

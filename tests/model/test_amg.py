@@ -552,7 +552,7 @@ def test_an_encoder_that_fails_to_compile_runs_eagerly(photos, caplog):
     engine = MaskEngine(sam)
     assert engine.s.compile_encoder and engine.encoder.fn is sam.image_encoder  # a CPU model: not compiled
     want = engine.encode(photos[:2])
-    direct = [f for f, _ in sam_image_features(sam, photos[:2], 4, True, Working())]
+    direct = [f for f, _ in sam_image_features(sam, photos[:2], 4, engine.bf16, Working())]
     assert calls == [0]  # used, not tested for truth
     calls.clear()
     engine.encoder.fn = Working()  # as if compiled

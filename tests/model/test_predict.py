@@ -232,3 +232,21 @@ def test_automatic_thresholds_come_from_the_checkpoint_unless_a_flag_is_given(tm
     assert thresholds(new, _predict_options(p.parse_args(["--pred-iou-thresh", "0.7"]))) == (0.7, 0.6)
     assert thresholds(old, _predict_options(p.parse_args([]))) == (0.88, 0.95)  # SAM's
     assert thresholds(new, PredictOptions(from_checkpoint=())) == (0.88, 0.95)
+
+
+def test_cpu_bf16_flag_runs_the_engine_in_bf16_on_a_cpu_that_has_it(checkpoint, tmp_path, monkeypatch):
+    """``--cpu-bf16`` (off by default): the bf16 decoder copy and encoder autocast, as on CUDA, on a
+    CPU with bf16 in hardware (forced here so the path runs on any CPU); predictions still written."""
+    import ssam.device as devices
+    import ssam.model.amg as amg
+
+    copies = []
+    real = amg.bf16_decoder
+    monkeypatch.setattr(amg, "bf16_decoder", lambda model: copies.append(1) or real(model))
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    base = ["--checkpoint", str(checkpoint), "--images", str(PHOTO), "--vocab", "coco", "--device", "cpu"]
+    base += ["--min-label-score", "0", *LOOSE]
+    assert predict_main([*base, "--output", str(tmp_path / "fp32")]) == 0 and copies == []
+    assert predict_main([*base, "--output", str(tmp_path / "bf16"), "--cpu-bf16"]) == 0 and copies == [1]
+    preds = json.loads((tmp_path / "bf16" / "predictions.json").read_text())
+    assert preds["annotations"] and preds["info"]["smoke"] is True

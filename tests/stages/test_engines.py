@@ -238,3 +238,54 @@ def test_the_cpu_labels_stage_reuses_freed_memory_instead_of_faulting_in_fresh_p
     assert kept["status"] == fresh["status"] == ["ok"] * 3 and kept["rows"] == fresh["rows"]
     assert kept["buffer_faults"] < 100 and fresh["buffer_faults"] > 10_000, (kept, fresh)
     assert kept["faults"] < 1500, (kept, fresh)  # measured 0-221
+
+
+def test_bf16_runs_on_cuda_by_default_and_on_a_cpu_only_when_asked_and_native(monkeypatch, caplog):
+    import ssam.device as devices
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert devices.use_bf16(cuda, True, False) and not devices.use_bf16(cuda, False, True)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert devices.use_bf16(cpu, True, True) and devices.use_bf16(cpu, False, True)
+    assert not devices.use_bf16(cpu, True, False)  # the shipped default on a CPU: float32
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(devices, "_warned_no_cpu_bf16", [])
+    assert not devices.use_bf16(cpu, True, True) and not devices.use_bf16(cpu, True, True)
+    assert caplog.text.count("neither AVX512-BF16 nor AMX: running in float32") == 1  # warned once
+    cfg = smoke()
+    assert cfg.masks.bf16 and cfg.labels.bf16 and not cfg.masks.cpu_bf16 and not cfg.labels.cpu_bf16
+
+
+def test_cpu_bf16_from_the_config_runs_both_batched_stages_in_bf16(monkeypatch):
+    """``masks.cpu_bf16`` / ``labels.cpu_bf16`` on a CPU with bf16 in hardware (forced here, so
+    the path runs on any CPU): the mask decoder is a bf16 copy, the encoders run under bf16
+    autocast, and the rows are whole. The smoke CLIP's crop embeddings stay within bf16's rounding
+    of float32's (the smoke SAM's random masks do not: its logits sit near 0, where bf16 moves
+    them across the threshold, so only the features are compared for SAM)."""
+    import ssam.device as devices
+    from ssam.model.amg import sam_image_features
+
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    fp32, bf16 = smoke(), smoke("masks.cpu_bf16=true", "labels.cpu_bf16=true")
+    stage = MaskStage(bf16.masks, bf16.seed)
+    assert stage.engine.bf16 and stage.engine.decoder.iou_token.weight.dtype == torch.bfloat16
+    assert stage.sam.mask_decoder.iou_token.weight.dtype == torch.float32  # the model itself unchanged
+    assert not MaskStage(fp32.masks, fp32.seed).engine.bf16
+    ims = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in photos()]
+    [(f32, _)] = sam_image_features(stage.sam, ims[:1], 1, False)
+    [(f16, _)] = sam_image_features(stage.sam, ims[:1], 1, True)
+    cos = torch.nn.functional.cosine_similarity(f32.flatten(1), f16.flatten(1)).item()
+    assert not torch.equal(f32, f16) and cos > 0.99
+    masked = stage(rows(photos()))
+    assert masked["status"] == ["ok"] * 3
+    emb = {}
+    for name, cfg in (("fp32", fp32), ("bf16", bf16)):
+        section = cfg.labels.model_copy(update={"score_threshold": 0.0, "margin_threshold": 0.0})
+        labels = LabelStage(section, cfg.seed)
+        assert labels.bf16 == (name == "bf16")
+        out = labels(dict(masked))
+        assert out["status"] == ["ok"] * 3
+        emb[name] = np.concatenate([np.load(io.BytesIO(e)).astype(np.float32) for e in out["emb"]])
+    a, b = emb["fp32"], emb["bf16"]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert not np.array_equal(a, b) and cos.min() > 0.99
