@@ -11,6 +11,7 @@ objects one batch at a time in this process (tests, debugging, the benchmark's b
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 from ssam import storage
@@ -218,6 +219,10 @@ def run_ray(
         if running:
             collect(0)
 
+    # Ray Data's hint that the write pool (ray.write.max_workers) is larger than the number of
+    # blocks that reached it, which a small run shows: it costs nothing here (idle slots of a task
+    # pool), and that number is not known when the graph is built.
+    warnings.filterwarnings("ignore", message=WRITE_POOL_HINT, category=UserWarning)
     ds = build_dataset(cfg, shard_stems, shard_dir, provenance)
     for parts in _batches_while_polling(ds, poll):
         for sid in tracker.add(parts):
@@ -228,6 +233,7 @@ def run_ray(
 
 
 _END = object()
+WRITE_POOL_HINT = r"The maximum number of concurrent tasks for 'MapBatches\(write_parts\)'"
 
 
 def _batches_while_polling(ds, poll: Callable[[], None], every_s: float = 0.5):
