@@ -34,25 +34,11 @@ from bench_engine import (  # noqa: E402 -- the engine benchmark's images, rows 
     ellipse_annotations,
     masks_of,
     matched_share,
+    random_clip,
     rows_for,
+    run_setups,
     sample_images,
 )
-
-
-def load_clip_model(name: str):
-    from ssam.model.clip import ClipBundle, load_clip
-
-    if name == "ssam-smoke-clip":
-        return load_clip(name, None, seed=0)
-    import open_clip
-
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    dim = int(model.text_projection.shape[1]) if model.text_projection is not None else 512
-    return ClipBundle(
-        model.eval(), preprocess, open_clip.get_tokenizer(name), dim, int(size), {"smoke": True}
-    )
 
 
 def turns(stages: dict, rows: dict, batch: int, repeat: int) -> tuple[dict, dict]:
@@ -89,7 +75,7 @@ def bench(args, sam_size: str, clip_name: str) -> dict:
             "labels.margin_threshold=0",
         ],
     )
-    sam, clip = build_sam(sam_size, seed=0).eval(), load_clip_model(clip_name)
+    sam, clip = build_sam(sam_size, seed=0).eval(), random_clip(clip_name, "cpu")
     res = {"sam": sam_size, "clip": clip_name, "images": len(jpegs), "cpu_has_bf16": cpu_has_bf16()}
     res["settings"] = {k: v for k, v in vars(args).items() if k not in ("setups", "out")}
     masks = {
@@ -145,17 +131,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeat", type=int, default=3, help="timed passes per side, in turn (median)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args()
-    results = []
-    for setup in args.setups:
-        sam_size, _, clip_name = setup.partition(":")
-        r = bench(args, sam_size, clip_name or "ssam-smoke-clip")
-        if not r["cpu_has_bf16"]:
-            print("this CPU has neither AVX512-BF16 nor AMX: both sides ran in float32", flush=True)
-        print(json.dumps(r, indent=1), flush=True)
-        results.append(r)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    run_setups(
+        p.parse_args(),
+        bench,
+        lambda r: (
+            None
+            if r["cpu_has_bf16"]
+            else "this CPU has neither AVX512-BF16 nor AMX: both sides ran in float32"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -111,6 +111,37 @@ def ellipse_annotations(jpeg: bytes, n: int, seed: int) -> str:
     return json.dumps(anns)
 
 
+def random_clip(name: str, device: str):
+    """The smoke CLIP, or open_clip's ``name`` with random weights (timing only), as a ClipBundle."""
+    from ssam.model.clip import ClipBundle, load_clip
+
+    if name == "ssam-smoke-clip":
+        return load_clip(name, None, seed=0, device=device)
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    dim = int(model.text_projection.shape[1]) if model.text_projection is not None else 512
+    tok = open_clip.get_tokenizer(name)
+    return ClipBundle(model.eval(), preprocess, tok, dim, int(size), {"name": name, "smoke": True})
+
+
+def run_setups(args, bench, note=None) -> None:
+    """``bench(args, sam_size, clip_name)`` for each of ``args.setups`` (``SAM:CLIP``), each result
+    printed (with ``note(result)`` before it, if that gives a line) and all written to ``args.out``."""
+    results = []
+    for setup in args.setups:
+        sam_size, _, clip_name = setup.partition(":")
+        r = bench(args, sam_size, clip_name or "ssam-smoke-clip")
+        if note and note(r):
+            print(note(r), flush=True)
+        print(json.dumps(r, indent=1), flush=True)
+        results.append(r)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -206,7 +237,6 @@ def stage_pair(
 
 
 def bench_setup(args, sam_size: str, clip_name: str) -> dict:
-    from ssam.model.clip import load_clip
     from ssam.model.sam import build_sam
     from ssam.pipeline.config import load_config
 
@@ -233,20 +263,7 @@ def bench_setup(args, sam_size: str, clip_name: str) -> dict:
             "labels.margin_threshold=0",
         ],
     )
-    clip = load_clip(clip_name, None, seed=0, device=args.device) if clip_name == "ssam-smoke-clip" else None
-    if clip is None:  # a real architecture with random weights: timing only
-        import open_clip
-
-        from ssam.model.clip import ClipBundle
-
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            clip_name, pretrained=None, device=args.device
-        )
-        tok = open_clip.get_tokenizer(clip_name)
-        size = model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        dim = int(model.text_projection.shape[1]) if model.text_projection is not None else 512
-        clip = ClipBundle(model.eval(), preprocess, tok, dim, int(size), {"name": clip_name, "smoke": True})
+    clip = random_clip(clip_name, args.device)
     res: dict = {"sam": sam_size, "clip": clip_name, "images": len(jpegs), "device": args.device}
     res["pred_iou_thresh"], res["iou_head_shift"] = pred_iou, shift
     res["settings"] = {k: v for k, v in vars(args).items() if k not in ("setups", "out")}
@@ -520,15 +537,7 @@ def main() -> None:
         "(shipped: both compiled on CUDA)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args()
-    results = []
-    for setup in args.setups:
-        sam_size, _, clip_name = setup.partition(":")
-        r = bench_setup(args, sam_size, clip_name or "ssam-smoke-clip")
-        print(json.dumps(r, indent=1), flush=True)
-        results.append(r)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    run_setups(p.parse_args(), bench_setup)
 
 
 if __name__ == "__main__":
