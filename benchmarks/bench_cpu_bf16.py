@@ -7,6 +7,9 @@ Both sides are the batched engines, on the same images and models (random weight
    under bf16: their logits sit near 0, so agreement is reported, not expected);
 2. labels stage on ``--label-masks`` seeded ellipses per image, float32 vs ``cpu_bf16`` (CLIP's
    image tower under bf16 autocast), s/image, the ratio, label agreement and embedding cosine.
+3. with ``--train-steps N``: ``ssam-train``'s step (Semantic-SAM of the setup's SAM size, random
+   weights, synthetic shapes, batch 2, 8 masks per image, the image encoder frozen as shipped),
+   float32 vs ``train.cpu_bf16``, one trainer switching between the two, s/step and the ratio.
 
 The two sides take turns ``--repeat`` times and the median pass is reported (this machine is
 shared). Only meaningful on a CPU with AVX512-BF16 or AMX: elsewhere ``cpu_bf16`` falls back to
@@ -115,6 +118,41 @@ def bench(args, sam_size: str, clip_name: str) -> dict:
         a, b = np.load(io.BytesIO(ea)).astype(np.float32), np.load(io.BytesIO(eb)).astype(np.float32)
         cos += list((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8))
     res["embedding_cosine_mean"], res["embedding_cosine_min"] = float(np.mean(cos)), float(np.min(cos))
+    if args.train_steps:
+        res.update(bench_train(sam_size, args.train_steps))
+    return res
+
+
+def bench_train(size: str, steps: int) -> dict:
+    """One trainer, its step timed with and without bf16 autocast in turn (``steps`` pairs)."""
+    import tempfile
+
+    from ssam.device import bf16_autocast, use_bf16
+    from ssam.model.clip import SMOKE_CLIP
+    from ssam.model.synthetic import write_shapes
+    from ssam.model.train import Trainer
+    from ssam.model.train_config import load_train_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shapes(Path(tmp) / "shards", 16, 8, seed=0, emb_dim=32)
+        overrides = [f"model.size={size}", "model.random_init=true", f"model.clip_model={SMOKE_CLIP}"]
+        overrides += ["model.clip_pretrained=null", f'data.shards=["{Path(tmp) / "shards"}"]']
+        overrides += ["train.batch_size=2", "data.masks_per_image=8", "train.device=cpu"]
+        cfg = load_train_config(None, [*overrides, "train.max_steps=1000", "train.cpu_bf16=true"])
+        trainer = Trainer(cfg, Path(tmp) / "run")
+        on = use_bf16(trainer.device, True, True)
+        mode = {"bf16": False}
+        trainer._autocast = lambda: bf16_autocast(trainer.device, mode["bf16"] and on)
+        times: dict = {"fp32": [], "bf16": []}
+        for i in range(steps + 1):  # the first pair warms up
+            for name in times:
+                mode["bf16"] = name == "bf16"
+                t = time.perf_counter()
+                trainer.train_step()
+                if i:
+                    times[name].append(time.perf_counter() - t)
+    res = {f"train_{k}_s_per_step": float(np.median(v)) for k, v in times.items()}
+    res["train_speedup"] = res["train_fp32_s_per_step"] / res["train_bf16_s_per_step"]
     return res
 
 
@@ -130,6 +168,7 @@ def main() -> None:
     p.add_argument("--label-masks", type=int, default=32, help="seeded ellipse masks per image (labels)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeat", type=int, default=3, help="timed passes per side, in turn (median)")
+    p.add_argument("--train-steps", type=int, default=0, help="also time N training steps per side")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     run_setups(
         p.parse_args(),

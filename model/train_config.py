@@ -117,6 +117,10 @@ class TrainSection(Section):
         description="top-level modules kept frozen: image_encoder, prompt_encoder, mask_decoder",
     )
     bf16: bool = Field(True, description="bf16 autocast on CUDA")
+    cpu_bf16: bool = Field(
+        False,
+        description="bf16 autocast on a CPU with AVX512-BF16 or AMX (x2.2-2.4 per vit_b step here; else float32)",
+    )
     checkpoint_every: int = Field(500, ge=1, description="write checkpoints/last.pt every this many steps")
     log_every: int = Field(10, ge=1, description="log metrics every this many steps")
     focal_weight: float = Field(20.0, ge=0, description="mask focal loss weight (SAM: 20)")

@@ -1,5 +1,5 @@
 """The one place a device name (``auto``, ``cpu``, ``cuda``, ``cuda:1``) becomes a torch device;
-where inference runs in bf16 (:func:`use_bf16`, :func:`bf16_autocast`); :class:`CompiledOrEager`, a
+where the models run in bf16 (:func:`use_bf16`, :func:`bf16_autocast`); :class:`CompiledOrEager`, a
 compiled function that falls back to its eager self; and :func:`keep_freed_memory`, the C
 allocator's setting for the batched engines on a CPU."""
 
@@ -32,7 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def use_bf16(device: torch.device, cuda: bool, cpu: bool) -> bool:
-    """Whether inference on ``device`` runs in bfloat16: on CUDA when ``cuda`` (the ``bf16``
+    """Whether the models on ``device`` run in bfloat16: on CUDA when ``cuda`` (the ``bf16``
     settings, on by default), on a CPU when ``cpu`` (the ``cpu_bf16`` settings, off by default)
     and the CPU does bf16 products in hardware (:func:`cpu_has_bf16`); asked for on a CPU without
     them, float32 with a warning, as torch would emulate bf16 there, slower than float32.

@@ -197,6 +197,7 @@ class MaskStage(Stage):
         else:
             self.provenance = {"name": cfg.sam_model, "checkpoint": None, "smoke": True, "injected": True}
         self.sam = sam.to(self.device).eval()
+        self.bf16 = use_bf16(self.device, cfg.bf16, cfg.cpu_bf16)  # the encoder's (both engines)
         self.engine = MaskEngine(self.sam, cfg.amg_settings()) if cfg.engine == "batched" else None
         if self.engine is None:
             self.predictor = PrecomputedPredictor(self.sam)
@@ -219,8 +220,7 @@ class MaskStage(Stage):
 
     def embed(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """Reference engine: image-encoder features ``1xCxhxw`` and resized input size per image, batched."""
-        bf16 = use_bf16(self.device, self.cfg.bf16, self.cfg.cpu_bf16)
-        return sam_image_features(self.sam, images, self.cfg.encoder_batch_size, bf16)
+        return sam_image_features(self.sam, images, self.cfg.encoder_batch_size, self.bf16)
 
     @torch.inference_mode()
     def reference_records(self, image: np.ndarray, features: torch.Tensor, input_size) -> list[dict]:

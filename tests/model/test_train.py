@@ -1,5 +1,6 @@
 import io
 import json
+import math
 import tarfile
 
 import numpy as np
@@ -472,3 +473,23 @@ def test_outputs_covering_a_labelled_mask_learn_its_name_too(shapes, tmp_path):
 def test_a_bad_scale_range_is_refused_by_name():
     with pytest.raises(TrainConfigError, match="scale_range"):
         load_train_config(SMOKE, ["data.scale_range=[1.5,0.5]"])
+
+
+def test_cpu_bf16_trains_under_bf16_autocast_only_when_asked(shapes, tmp_path, monkeypatch):
+    """``train.cpu_bf16`` (off by default) on a CPU with bf16 in hardware (forced here, so the path
+    runs on any CPU): the forward runs under bf16 autocast, the step's losses are finite, and the
+    weights stay float32 (autocast casts per op)."""
+    import ssam.device as devices
+
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert not load_train_config(SMOKE, []).train.cpu_bf16
+    plain = Trainer(cfg_for(shapes, "train.max_steps=1"), tmp_path / "fp32")
+    trainer = Trainer(cfg_for(shapes, "train.max_steps=1", "train.cpu_bf16=true"), tmp_path / "bf16")
+    dtypes = []
+    trainer.net.register_forward_hook(lambda mod, args, out: dtypes.append(out[0][0][0].dtype))  # masks
+    with plain._autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    m = trainer.train_step()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert all(math.isfinite(m[k]) for k in ("loss", "mask_loss", "iou_loss"))
+    assert {p.dtype for p in trainer.core.parameters()} == {torch.float32}
