@@ -182,11 +182,13 @@ def shift_iou_head(sam, jpeg: bytes, points_per_side: int, share: float, thresh:
     from segment_anything.utils.amg import build_point_grid
     from segment_anything.utils.transforms import ResizeLongestSide
 
+    from ssam.device import use_bf16
     from ssam.model.amg import decode_prompts, sam_image_features
     from ssam.stages.masks import image_from_jpeg
 
     image = image_from_jpeg(jpeg)
-    ((feats, _),) = sam_image_features(sam, [image], 1, True)
+    # the stages' default precision: bf16 on CUDA, float32 on a CPU
+    ((feats, _),) = sam_image_features(sam, [image], 1, use_bf16(sam.device, True, False))
     h, w = image.shape[:2]
     pts = build_point_grid(points_per_side) * np.array([[w, h]])
     coords = ResizeLongestSide(sam.image_encoder.img_size).apply_coords(pts, (h, w))
