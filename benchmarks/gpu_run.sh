@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure the open issues ask for, in one call on the device machine (Python 3.12 with
 # torch, torchvision, transformers, timm, pyarrow, pillow; no network, no Ray). The packages it
-# lacks travel as wheels in .whl/ (see benchmarks/README.md); this repo is put on PYTHONPATH as
+# lacks travel as wheels in .whl/ (benchmarks/fetch_wheels.sh); this repo is put on PYTHONPATH as
 # the `ssam` package through a folder of links (no install step).
 #   bash benchmarks/gpu_run.sh OUTDIR            (STEPS=012 runs steps 0, 1 and 2, in that order)
 # Measured on an H100: step 1 ~260 s with 48 photos through the pipeline, steps 7 and 0 ~125 s
