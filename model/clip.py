@@ -8,6 +8,7 @@ open_clip's bundled BPE tokenizer) registered with ``open_clip.add_model_config`
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -80,6 +81,11 @@ def resolve_clip_weights(model_name: str, pretrained: str | None) -> str | None:
         ) from e
 
 
+class _NotLoadedOnPurpose(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: str = "cpu") -> ClipBundle:
     """Create an open_clip model with its weights.
 
@@ -95,6 +101,9 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: st
     """
     smoke = model_name == SMOKE_CLIP
     resolve_clip_weights(model_name, pretrained)
+    quiet = _NotLoadedOnPurpose() if smoke and pretrained is None else None
+    if quiet:  # open_clip warns (root logger) that no weights were loaded: the smoke model's are seeded
+        logging.getLogger().addFilter(quiet)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
@@ -108,6 +117,9 @@ def load_clip(model_name: str, pretrained: str | None, seed: int = 0, device: st
         # a corrupt or mismatched checkpoint (torch raises an unpickling error for a corrupt one)
         except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
             raise WeightsUnavailable(f"CLIP {model_name}/{pretrained}: {e}") from e
+        finally:
+            if quiet:
+                logging.getLogger().removeFilter(quiet)
     model.eval()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size

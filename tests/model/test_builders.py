@@ -98,6 +98,18 @@ def test_smoke_clip_checkpoint_round_trip(tmp_path):
         load_clip("ViT-B-32", "laion2b_s34b_b79k")  # offline: a clear error, not random weights
 
 
+def test_the_seeded_smoke_clip_loads_without_open_clips_no_weights_warning(caplog):
+    """open_clip warns (root logger) that it loaded no weights; the smoke CLIP's are seeded on
+    purpose, so its load is quiet, and the filter does not outlive it."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    load_clip(SMOKE_CLIP, None, seed=0)
+    assert "No pretrained weights loaded" not in caplog.text
+    logging.getLogger().warning("No pretrained weights loaded for model 'x'")
+    assert "No pretrained weights loaded" in caplog.text
+
+
 def test_llm_backends():
     assert build_generator("none", "anything") is None
     with pytest.raises(KeyError, match="unknown LLM backend"):
