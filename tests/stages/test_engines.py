@@ -268,7 +268,8 @@ def test_cpu_bf16_from_the_config_runs_both_batched_stages_in_bf16(monkeypatch):
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     fp32, bf16 = smoke(), smoke("masks.cpu_bf16=true", "labels.cpu_bf16=true")
     stage = MaskStage(bf16.masks, bf16.seed)
-    assert stage.engine.bf16 and stage.engine.decoder.iou_token.weight.dtype == torch.bfloat16
+    assert stage.bf16 and stage.engine.bf16  # the encoder's (both engines) and the batched engine's
+    assert stage.engine.decoder.iou_token.weight.dtype == torch.bfloat16
     assert stage.sam.mask_decoder.iou_token.weight.dtype == torch.float32  # the model itself unchanged
     assert not MaskStage(fp32.masks, fp32.seed).engine.bf16
     ims = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in photos()]
