@@ -158,9 +158,8 @@ def encode_images(
     ``encode``: what runs it (default ``bundle.model.encode_image``; e.g. a compiled one).
     """
     param = next(bundle.model.parameters())
-    autocast = bf16
     # under autocast the pixels stay float32 (autocast casts per op); otherwise the model's own dtype
-    pixels = pixels_bchw.to(param.device, dtype=torch.float32 if autocast else param.dtype)
-    with bf16_autocast(param.device, autocast):
+    pixels = pixels_bchw.to(param.device, dtype=torch.float32 if bf16 else param.dtype)
+    with bf16_autocast(param.device, bf16):
         emb = (bundle.model.encode_image if encode is None else encode)(pixels).float()
     return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
