@@ -9,6 +9,9 @@ For each setup (SAM size + CLIP model, random weights: timing only, never labels
    ``batched`` (crops cut on the device, CLIP over several images' crops), on the same
    annotations (``--label-masks`` seeded ellipses per image); s/image, ratio, label agreement and
    embedding cosine;
+   Both pairs are timed at each ``--threads`` count of torch CPU threads (both engines alike; on a
+   CPU by default at one thread and at torch's default, the machine's cores), under
+   ``pairs.<count>`` in the results;
 3. the whole label path (batched masks + batched labels), images/s and peak GPU memory;
 4. with ``--pipeline N``: the pipeline's stages (decode, candidates without LLM, masks, labels,
    shard writing) over the bundled sample replicated to N images, images/s.
@@ -238,42 +241,10 @@ def stage_pair(
     return out
 
 
-def bench_setup(args, sam_size: str, clip_name: str) -> dict:
-    from ssam.model.sam import build_sam
-    from ssam.pipeline.config import load_config
-
-    side = 256 if sam_size == "smoke" else 1024
-    sam = build_sam(sam_size, seed=0).to(args.device).eval()
-    jpegs = sample_images(args.images, side)
-    pred_iou, shift = args.pred_iou, 0.0
-    if args.iou_keep_share:
-        pred_iou = args.pred_iou or 0.88  # segment-anything's default
-        shift = shift_iou_head(sam, jpegs[0], args.points_per_side, args.iou_keep_share, pred_iou)
-    cfg = load_config(
-        REPO / "configs/pipeline/smoke.yaml",
-        [
-            "output.dir=/tmp/unused",
-            f"masks.pred_iou_thresh={pred_iou}",
-            f"masks.stability_score_thresh={args.stability}",
-            f"masks.max_masks_per_image={args.max_masks}",
-            f"masks.points_per_side={args.points_per_side}",
-            f"masks.points_per_batch={args.points_per_batch}",
-            f"masks.box_nms_thresh={args.box_nms}",
-            f"masks.encoder_batch_size={args.batch}",
-            f"labels.clip_batch_size={args.clip_batch}",
-            "labels.score_threshold=0",
-            "labels.margin_threshold=0",
-        ],
-    )
-    clip = random_clip(clip_name, args.device)
-    res: dict = {"sam": sam_size, "clip": clip_name, "images": len(jpegs), "device": args.device}
-    res["pred_iou_thresh"], res["iou_head_shift"] = pred_iou, shift
-    res["settings"] = {k: v for k, v in vars(args).items() if k not in ("setups", "out")}
-    if args.device.startswith("cuda"):
-        res["gpu"] = torch.cuda.get_device_name()
-
-    ppb = {"points_per_batch": args.batched_points_per_batch or args.points_per_batch}
-    engines = ("batched",) if args.skip_reference_masks else ("reference", "batched")
+def bench_pairs(args, cfg, sam, clip, jpegs, ppb, engines):
+    """The masks pair and the labels pair at ``cfg``'s settings: their figures, and the stages and
+    labels-pair rows the label path reuses."""
+    res: dict = {"torch_threads": {"masks": cfg.masks.torch_threads, "labels": cfg.labels.torch_threads}}
     masks = stage_pair("masks", cfg.masks, cfg.seed, sam, args.device, ppb, engines)
     warm = rows_for(jpegs[: args.batch])
     for st in masks.values():
@@ -342,6 +313,63 @@ def bench_setup(args, sam_size: str, clip_name: str) -> dict:
         a, b = np.load(io.BytesIO(ea)).astype(np.float32), np.load(io.BytesIO(eb)).astype(np.float32)
         cos += list((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8))
     res["embedding_cosine_mean"] = float(np.mean(cos)) if cos else 1.0
+    return res, masks, labels, rows
+
+
+def bench_setup(args, sam_size: str, clip_name: str) -> dict:
+    from ssam.model.sam import build_sam
+    from ssam.pipeline.config import load_config
+
+    side = 256 if sam_size == "smoke" else 1024
+    sam = build_sam(sam_size, seed=0).to(args.device).eval()
+    jpegs = sample_images(args.images, side)
+    pred_iou, shift = args.pred_iou, 0.0
+    if args.iou_keep_share:
+        pred_iou = args.pred_iou or 0.88  # segment-anything's default
+        shift = shift_iou_head(sam, jpegs[0], args.points_per_side, args.iou_keep_share, pred_iou)
+    cfg = load_config(
+        REPO / "configs/pipeline/smoke.yaml",
+        [
+            "output.dir=/tmp/unused",
+            f"masks.pred_iou_thresh={pred_iou}",
+            f"masks.stability_score_thresh={args.stability}",
+            f"masks.max_masks_per_image={args.max_masks}",
+            f"masks.points_per_side={args.points_per_side}",
+            f"masks.points_per_batch={args.points_per_batch}",
+            f"masks.box_nms_thresh={args.box_nms}",
+            f"masks.encoder_batch_size={args.batch}",
+            f"labels.clip_batch_size={args.clip_batch}",
+            "labels.score_threshold=0",
+            "labels.margin_threshold=0",
+        ],
+    )
+    clip = random_clip(clip_name, args.device)
+    res: dict = {"sam": sam_size, "clip": clip_name, "images": len(jpegs), "device": args.device}
+    res["pred_iou_thresh"], res["iou_head_shift"] = pred_iou, shift
+    res["settings"] = {k: v for k, v in vars(args).items() if k not in ("setups", "out")}
+    if args.device.startswith("cuda"):
+        res["gpu"] = torch.cuda.get_device_name()
+
+    ppb = {"points_per_batch": args.batched_points_per_batch or args.points_per_batch}
+    engines = ("batched",) if args.skip_reference_masks else ("reference", "batched")
+    threads = args.threads or (
+        [0] if args.device.startswith("cuda") else sorted({1, torch.get_num_threads()})
+    )
+    res["pairs"] = {}
+    for n in threads:
+        # Both engines of both pairs at n CPU threads (0: as the config has it). torch's thread
+        # count is process-wide and a stage sets its own around each batch, so the pairs are timed
+        # at a stated count, not at whatever the stage before had left.
+        set_n = {"torch_threads": n} if n else {}
+        cfg_n = cfg.model_copy(
+            update={
+                "masks": cfg.masks.model_copy(update=set_n),
+                "labels": cfg.labels.model_copy(update=set_n),
+            }
+        )
+        pair, masks, labels, rows = bench_pairs(args, cfg_n, sam, clip, jpegs, ppb, engines)
+        res["pairs"][str(n) if n else "config"] = pair
+        print(f"pairs at {n or 'the config'} threads:", json.dumps(pair), flush=True)
 
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -537,6 +565,14 @@ def main() -> None:
         choices=["eager_encoder", "eager_clip", "eager"],
         help="also time the label path with the SAM encoder, CLIP's image tower or both not compiled "
         "(shipped: both compiled on CUDA)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch CPU threads for both engines of the masks and labels pairs, each pair timed at each "
+        "count (default: 1 and torch's default on a CPU, the configs' setting on CUDA; 0: the configs')",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     run_setups(p.parse_args(), bench_setup)

@@ -1,7 +1,8 @@
 """The one place a device name (``auto``, ``cpu``, ``cuda``, ``cuda:1``) becomes a torch device;
 where the models run in bf16 (:func:`use_bf16`, :func:`bf16_autocast`); :class:`CompiledOrEager`, a
-compiled function that falls back to its eager self; and :func:`keep_freed_memory`, the C
-allocator's setting for the batched engines on a CPU."""
+compiled function that falls back to its eager self; :func:`keep_freed_memory`, the C
+allocator's setting for the batched engines on a CPU; and :func:`torch_threads`, a stage's CPU
+threads while it runs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ctypes.util
 import functools
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -129,6 +130,26 @@ class CompiledOrEager:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_FREED_ENV = "SSAM_KEEP_FREED_MEMORY"
 _kept: bool | None = None
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to ``n`` inside the block and put back after it (``n`` 0: unchanged).
+
+    torch's thread count is process-wide: a stage that set it once (as the masks stage's
+    ``torch_threads`` did, in its constructor) set it for every stage sharing its process too (the
+    local executor runs them all in one; so do ``ray.fuse_gpu_stages`` and the benchmarks). Scoped
+    to the stage's own calls, each stage runs at its own setting. Under Ray an actor otherwise gets
+    ``floor(num_cpus)`` threads (Ray sets ``OMP_NUM_THREADS``, which torch reads).
+    """
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n and n != before:
+            torch.set_num_threads(before)
 
 
 def keep_freed_memory(mmap_mib: int = 64, trim_mib: int = 256) -> bool:

@@ -84,11 +84,13 @@ class Stage:
 
     Subclasses set ``name``, the columns they ``reads`` and ``writes`` (and ``drops``), take their
     own config section in ``__init__`` and implement :meth:`process`, which edits a batch of Python
-    lists in place. ``__call__`` checks the contract once per batch, runs :meth:`process` and
-    records the batch's wall time in ``t_<name>``.
+    lists in place. ``__call__`` checks the contract once per batch, runs :meth:`process` (at
+    ``torch_threads`` CPU threads, where a stage sets it) and records the batch's wall time in
+    ``t_<name>``.
     """
 
     name: str = ""
+    torch_threads: int = 0  # torch's CPU threads while this stage runs (0: the process's as they are)
     batch_attempts: int = 2  # a batch whose stage raises outside the per-row guard is tried again once
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
@@ -121,7 +123,13 @@ class Stage:
             raise StageContractError(
                 f"stage {self.name!r} reads columns {missing} that the batch lacks (it has {sorted(out)})"
             )
-        out = self._process_with_retries(out)
+        if self.torch_threads:
+            from ssam.device import torch_threads  # torch only for stages that use it
+
+            with torch_threads(self.torch_threads):
+                out = self._process_with_retries(out)
+        else:
+            out = self._process_with_retries(out)
         absent = [c for c in self.writes if c not in out] + [c for c in self.drops if c in out]
         if absent:
             raise StageContractError(f"stage {self.name!r} broke its contract on columns {absent}")

@@ -132,6 +132,11 @@ class LabelsConfig(Section):
     top_k: int = Field(3, ge=1, le=50, description="candidates kept in each annotation's topk")
     clip_batch_size: int = Field(64, ge=1, description="crops per CLIP forward")
     keep_embeddings: bool = Field(True, description="write KEY.emb.npy with the crop embeddings")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch CPU threads while this stage runs (0: the process's; under Ray floor(num_cpus))",
+    )
 
 
 class LabelStage(Stage):
@@ -152,6 +157,7 @@ class LabelStage(Stage):
         from ssam.model.label_engine import TextEmbeddingCache
 
         self.cfg = cfg
+        self.torch_threads = cfg.torch_threads  # applied around each batch (Stage.__call__)
         device = str(resolve_device(cfg.device))
         if device == "cpu":
             keep_freed_memory()  # the batched engine's windows and crops: fresh pages cost a fault each

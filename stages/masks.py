@@ -90,7 +90,11 @@ class MasksConfig(Section):
     encoder_batch_size: int = Field(
         AMG.encoder_batch_size, ge=1, description="images (or crops) per image-encoder forward"
     )
-    torch_threads: int = Field(0, ge=0, description="torch CPU threads per actor (0: torch default)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch CPU threads while this stage runs (0: the process's; under Ray floor(num_cpus))",
+    )
 
     @model_validator(mode="after")
     def _known_size(self):
@@ -190,8 +194,7 @@ class MaskStage(Stage):
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # the batched engine's per-batch buffers: fresh pages cost a fault each
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        self.torch_threads = cfg.torch_threads  # applied around each batch (Stage.__call__)
         if sam is None:
             sam, self.provenance = load_sam(cfg.sam_model, cfg.sam_checkpoint, seed=seed)
         else:

@@ -290,3 +290,33 @@ def test_cpu_bf16_from_the_config_runs_both_batched_stages_in_bf16(monkeypatch):
     a, b = emb["fp32"], emb["bf16"]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert not np.array_equal(a, b) and cos.min() > 0.99
+
+
+def test_each_stage_runs_at_its_own_torch_threads_and_leaves_the_process_setting_alone(monkeypatch, request):
+    """The shipped smoke config gives the masks stage one CPU thread. torch's setting is
+    process-wide: set once by the masks stage (as it was, in its constructor), the labels stage
+    sharing its process (the local executor, fused stages) ran at one thread too."""
+    from ssam.pipeline.graph import _run_chain
+
+    cfg = smoke("labels.torch_threads=2")
+    assert cfg.masks.torch_threads == 1 and smoke().labels.torch_threads == 0
+    before = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(before))
+    torch.set_num_threads(3)
+    masks, labels = MaskStage(cfg.masks, cfg.seed), LabelStage(cfg.labels, cfg.seed)
+    assert torch.get_num_threads() == 3  # building a stage changes nothing
+    seen = {}
+    for stage in (masks, labels):
+        process = stage.process
+        monkeypatch.setattr(
+            stage,
+            "process",
+            lambda b, s=stage, p=process: (seen.setdefault(s.name, torch.get_num_threads()), p(b)),
+        )
+    out = _run_chain([(masks, 2), (labels, 2)], rows([imagefiles.jpeg(s) for s in (200, 260)]))
+    assert out["status"] == ["ok", "ok"]
+    assert seen == {"masks": 1, "labels": 2}
+    assert torch.get_num_threads() == 3  # and put back after each batch
+    plain = LabelStage(smoke().labels, cfg.seed)
+    plain(rows([imagefiles.jpeg(200)]) | {"annotations_json": [out["annotations_json"][0]]})
+    assert torch.get_num_threads() == 3  # 0: the process's setting, untouched
