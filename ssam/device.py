@@ -136,11 +136,11 @@ _kept: bool | None = None
 def torch_threads(n: int):
     """torch's CPU threads set to ``n`` inside the block and put back after it (``n`` 0: unchanged).
 
-    torch's thread count is process-wide: a stage that set it once (as the masks stage's
-    ``torch_threads`` did, in its constructor) set it for every stage sharing its process too (the
-    local executor runs them all in one; so do ``ray.fuse_gpu_stages`` and the benchmarks). Scoped
-    to the stage's own calls, each stage runs at its own setting. Under Ray an actor otherwise gets
-    ``floor(num_cpus)`` threads (Ray sets ``OMP_NUM_THREADS``, which torch reads).
+    torch's thread count is process-wide: a stage that set it once for itself would set it for
+    every stage sharing its process (the local executor runs them all in one; so do
+    ``ray.fuse_gpu_stages`` and the benchmarks). Scoped to the stage's own calls, each stage runs
+    at its own setting. Under Ray an actor otherwise gets ``floor(num_cpus)`` threads, at least one
+    (Ray sets ``OMP_NUM_THREADS``, which torch reads).
     """
     before = torch.get_num_threads()
     if n and n != before:
