@@ -143,12 +143,13 @@ def torch_threads(n: int):
     (Ray sets ``OMP_NUM_THREADS``, which torch reads).
     """
     before = torch.get_num_threads()
-    if n and n != before:
+    change = bool(n) and n != before
+    if change:
         torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n and n != before:
+        if change:
             torch.set_num_threads(before)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -123,12 +124,12 @@ class Stage:
             raise StageContractError(
                 f"stage {self.name!r} reads columns {missing} that the batch lacks (it has {sorted(out)})"
             )
+        threads = nullcontext()
         if self.torch_threads:
             from ssam.device import torch_threads  # torch only for stages that use it
 
-            with torch_threads(self.torch_threads):
-                out = self._process_with_retries(out)
-        else:
+            threads = torch_threads(self.torch_threads)
+        with threads:
             out = self._process_with_retries(out)
         absent = [c for c in self.writes if c not in out] + [c for c in self.drops if c in out]
         if absent:

@@ -230,7 +230,7 @@ class MaskStage(Stage):
         """segment-anything's generator on one image, highest predicted IoU first."""
         self.predictor.preload(image, features, input_size)
         # CUDA only: under a CPU's autocast the generator hands a bf16 tensor to numpy (TypeError)
-        with bf16_autocast(self.device, self.device.type == "cuda" and self.cfg.bf16):
+        with bf16_autocast(self.device, self.bf16 and self.device.type == "cuda"):
             records = self.generator.generate(image)
         records.sort(key=lambda r: -r["predicted_iou"])
         return records
