@@ -18,8 +18,8 @@ by image. Here all the masks of a batch of images are handled with a few tensor 
    - on a CPU (``window_crops``), where torchvision's roi_align runs sample by sample on one
      thread: each mask's window of the image is cut with its mask built inside the window only
      (``window_masks``), the background applied at full resolution as the reference does, and the
-     windows resampled as two small matrix products each (``separable_resample``: roi_align's
-     sampling, to float rounding);
+     windows resampled rows then columns, each output row or column a weighted sum of a few input
+     ones (``separable_resample``, with ``embedding_bag``: roi_align's sampling, to float rounding);
 
 4. CLIP's normalisation, then the crops of all images are fed to the image encoder
    ``batch_size`` at a time, crops of different images mixed, optionally under bf16 autocast on
@@ -39,9 +39,9 @@ Written by hand here (no library has them): the replica of torchvision's Resize/
 geometry as a box (``center_square``), the separable Gaussian blur (torchvision's
 ``gaussian_blur`` convolves with the full 2-D kernel, ~k/2 times the work for a k-tap kernel),
 masks built from run lengths (``masks_from_counts``, ``window_masks``; pycocotools decodes only
-whole masks), roi_align's sampling as per-axis matrices (``roi_axis_taps``; torchvision has no
-faster CPU kernel) and the re-chunking of per-image crop tensors into fixed-size encoder batches
-(``rebatch``).
+whole masks), roi_align's sampling as per-axis taps run through ``embedding_bag``
+(``roi_axis_taps``, ``separable_resample``; torchvision has no faster CPU kernel) and the
+re-chunking of per-image crop tensors into fixed-size encoder batches (``rebatch``).
 """
 
 from __future__ import annotations
@@ -295,61 +295,83 @@ def roi_axis_taps(lo: torch.Tensor, hi: torch.Tensor, size: int, n: int):
     frac = torch.where(held, 0.0, pos - low)
     share = used.to(lo.dtype) / grid.clamp(min=1).view(-1, 1, 1)
     low = low.to(torch.int64)
-    index = torch.cat([low, torch.where(held, low, low + 1)], 2)
-    weight = torch.cat([(1 - frac) * share, frac * share], 2)
+    # a sample's two taps side by side, so that a ROI's unused samples (i >= grid) are its last taps
+    index = torch.stack([low, torch.where(held, low, low + 1)], 3).flatten(2)
+    weight = torch.stack([(1 - frac) * share, frac * share], 3).flatten(2)
     first = torch.minimum(torch.floor(roi_start).clamp(min=0), n - 1)
     last = torch.minimum((torch.floor(hi - 0.5) + 1).clamp(min=0), n - 1)
     return index, weight, first.to(torch.int64), (last - first).to(torch.int64) + 1
 
 
-def tap_matrix(index: torch.Tensor, weight: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
-    """``[K, size, width]`` resampling matrices from taps (``roi_axis_taps``), column 0 at ``start``.
+def local_taps(index: torch.Tensor, start: np.ndarray, width: np.ndarray) -> torch.Tensor:
+    """Taps' pixels (``roi_axis_taps``) made window rows: ``index - start``, each ROI's clamped to
+    its window's ``width`` rows (only unused taps, of weight 0, fall outside)."""
+    local = (index - torch.from_numpy(start).view(-1, 1, 1)).clamp_(min=0)
+    return torch.minimum(local, torch.from_numpy(width - 1).view(-1, 1, 1))
 
-    Every used tap must fall in ``[start, start + width)``; unused ones (weight 0) may not.
+
+def tap_bags(local: torch.Tensor, weight: torch.Tensor, width: int, taps: int):
+    """``k`` windows' taps (``local_taps``) as ``embedding_bag`` bags over the windows stacked.
+
+    Returns ``rows, weights``, ``[k * size, taps]``: tap ``t`` of output bin ``p`` of window ``i``
+    reads row ``i * width + local`` of the ``[k * width, ...]`` stack, with its weight. Only the
+    first ``taps`` taps are kept (those after weigh 0 in every one of these windows).
     """
-    col = (index - start.view(-1, 1, 1)).clamp(0, width - 1)
-    out = torch.zeros(*index.shape[:2], width, dtype=weight.dtype)
-    return out.scatter_add_(2, col, weight)
+    offset = torch.arange(0, len(local) * width, width).view(-1, 1, 1)
+    return (local[:, :, :taps] + offset).flatten(0, 1), weight[:, :, :taps].flatten(0, 1)
+
+
+def taps_used(weight: torch.Tensor) -> np.ndarray:
+    """``[K]``: per ROI, how many of its first taps (``roi_axis_taps``) it uses (at least 1)."""
+    nz = (weight != 0).any(1).numpy()  # [K, T]
+    return np.where(nz.any(1), nz.shape[1] - np.argmax(nz[:, ::-1], 1), 1)
 
 
 def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``roi_resample`` computes, as two small matrix products per ROI (on the CPU).
+    """What ``roi_resample`` computes, resampling rows then columns of each ROI's window (on the CPU).
 
     torchvision's CPU roi_align works sample by sample on one thread (about 40 ns per sample and
-    channel on the 2-core machine of ``benchmarks/README.md``). Here each ROI's window of the input
-    is read once and resampled with the matrices of ``roi_axis_taps``,
-    ``[size, hb] @ [hb, wb] @ [wb, size]`` per channel, batched over ROIs of similar window size
-    (padded to the largest in their group; the padding weighs 0), from one image or several. The
-    matrices are banded and stored dense: cutting them into blocks that skip the zeros was tried
-    and saved no time at CLIP's crop sizes (the gathers cost what the multiply-adds saved).
+    channel on the 2-core machine of ``benchmarks/README.md``). roi_align's sampling is separable
+    (``roi_axis_taps``): each output row is a weighted sum of a few rows of the ROI's window, and
+    each output column of a few columns of that. Here each ROI's window of the input is read once
+    and both steps run as ``torch.nn.functional.embedding_bag`` with per-sample weights (a fused
+    gather and weighted sum: the windows' rows are the table, an output row's taps its bag), over
+    many ROIs at once, with one transposing copy between them. That touches each tap once, where
+    the dense ``[size, hb] @ [hb, wb] @ [wb, size]`` products it replaced multiplied every zero of
+    the banded matrices (4-6x the time at CLIP's crop sizes, ``benchmarks/README.md``). ROIs of
+    similar window size (two groups per doubling) share one call, their windows padded to the
+    largest in their group (no tap of weight above 0 reaches the padding).
 
     Args:
         rois_xyxy: ``[K, 4]`` continuous boxes, each inside its image.
         size: output side.
         h, w: the image's size, or ``[K]`` int arrays: each ROI's image's size.
         read: ``read(index, ys, xs, hb, wb)`` gives the windows ``[k, hb, C, wb]`` (float32,
-            contiguous, on the CPU; channels inside rows, so one matrix product serves them all) of
-            the ROIs ``index``: rows ``ys[i] .. ys[i] + hb`` and columns ``xs[i] .. xs[i] + wb``
+            contiguous, on the CPU; channels inside rows, so one table row holds them all) of the
+            ROIs ``index``: rows ``ys[i] .. ys[i] + hb`` and columns ``xs[i] .. xs[i] + wb``
             (``[k]`` int64 arrays) of ROI ``index[i]``'s image, all inside it.
 
     Returns:
-        ``crops, order``: ``[K, C, size, size]`` float32 (contiguous) and ``[K]`` int64, where
-        ``crops[j]`` is ROI ``order[j]``'s. The crops come group after group: each group's products
-        are copied into one slice, where putting them back in ROI order would be a scattered copy
-        (torch's ``index_copy_`` goes element by element on a CPU, several times slower). CLIP
-        does not mind the order; ``in_roi_order`` restores it where a caller needs it.
+        ``crops, order``: ``[K, C, size, size]`` float32 and ``[K]`` int64, where ``crops[j]`` is
+        ROI ``order[j]``'s. ``crops`` is a view of the second step's own layout, ``[K, size (x),
+        size (y), C]`` contiguous, not copied into ``[K, C, y, x]`` (see ``window_crops``, which
+        reads a transposed image so that this layout is its crops' channels-last). The crops come
+        group after group: putting them back in ROI order would be a scattered copy (torch's
+        ``index_copy_`` goes element by element on a CPU, several times slower). CLIP does not
+        mind the order; ``in_roi_order`` restores it where a caller needs it.
     """
     r = rois_xyxy.to(torch.float32)  # roi_align reads its boxes in the image's dtype
     k_all = len(r)
+    if not k_all:
+        return torch.zeros(0, 1, size, size), torch.zeros(0, dtype=torch.int64)
     h = np.broadcast_to(np.asarray(h, np.int64), (k_all,))
     w = np.broadcast_to(np.asarray(w, np.int64), (k_all,))
     # both axes in one call: y bounds then x bounds, each with its axis' length
     taps = roi_axis_taps(
         torch.cat([r[:, 1], r[:, 0]]), torch.cat([r[:, 3], r[:, 2]]), size, torch.from_numpy(np.r_[h, w])
     )
-    iy, ix_ = taps[0][:k_all], taps[0][k_all:]
-    wy, wx_ = taps[1][:k_all], taps[1][k_all:]
     y0, x0, hy, wx = (v.numpy() for v in (taps[2][:k_all], taps[2][k_all:], taps[3][:k_all], taps[3][k_all:]))
+    used = taps_used(taps[1])
     # Group by window size (GROUPS_PER_OCTAVE groups per doubling), so that padding a window to
     # its group's largest costs little. A window padded to its group's size must still fit in
     # its image: ROIs of images smaller than the group's bound are grouped by image size too.
@@ -357,30 +379,35 @@ def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> tuple[
     bound = np.ceil(2.0 ** (group / GROUPS_PER_OCTAVE)).astype(np.int64)
     shape = np.unique(h * (int(w.max(initial=0)) + 1) + w, return_inverse=True)[1].reshape(-1)
     key = group * (k_all + 1) + np.where((h < bound) | (w < bound), shape + 1, 0)
-    out, order, done = None, np.empty(k_all, np.int64), 0
-    for g in np.unique(key):
-        group_ix = np.flatnonzero(key == g)
-        hb, wb = int(hy[group_ix].max()), int(wx[group_ix].max())
+    # ROIs in group order, so that each group is a slice; every ROI's window and taps at once
+    order = np.argsort(key, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0])
+    hb_g, wb_g = np.maximum.reduceat(hy[order], starts), np.maximum.reduceat(wx[order], starts)
+    hb_r, wb_r = (np.repeat(v, np.diff(np.r_[starts, k_all])) for v in (hb_g, wb_g))
+    ys, xs = np.minimum(y0[order], h[order] - hb_r), np.minimum(x0[order], w[order] - wb_r)  # pad inwards
+    t = torch.from_numpy(order)
+    rows_all, wy = local_taps(taps[0][t], ys, hb_r), taps[1][t]
+    cols_all, wx = local_taps(taps[0][k_all + t], xs, wb_r), taps[1][k_all + t]
+    used_y, used_x = used[order], used[k_all + order]
+    out = None
+    ends = np.r_[starts[1:], k_all]
+    for s, e, hb, wb in zip(starts.tolist(), ends.tolist(), hb_g.tolist(), wb_g.tolist(), strict=True):
         per_call = max(1, WINDOW_PIXELS_AT_ONCE // (hb * wb))  # bounds the windows' memory
-        for ix in np.array_split(group_ix, -(-len(group_ix) // per_call)):
-            ys, xs = np.minimum(y0[ix], h[ix] - hb), np.minimum(x0[ix], w[ix] - wb)  # pad inwards
-            win = read(ix, ys, xs, hb, wb)  # [k, hb, C, wb]
-            k, c = len(ix), win.shape[2]
-            t = torch.from_numpy(ix)
-            ay = tap_matrix(iy[t], wy[t], torch.from_numpy(ys), hb)  # [k, S, hb]
-            ax = tap_matrix(ix_[t], wx_[t], torch.from_numpy(xs), wb).transpose(1, 2)  # [k, wb, S]
-            if wb <= hb:  # rows first: C*S*wb*(hb + S) multiply-adds, else C*S*hb*(wb + S)
-                res = torch.bmm(torch.bmm(ay, win.view(k, hb, c * wb)).view(k, size * c, wb), ax)
-            else:
-                res = torch.bmm(ay, torch.bmm(win.view(k, hb * c, wb), ax).view(k, hb, c * size))
+        for part in np.array_split(np.arange(s, e), -(-(e - s) // per_call)):
+            i, j = int(part[0]), int(part[-1]) + 1
+            win = read(order[i:j], ys[i:j], xs[i:j], hb, wb)  # [k, hb, C, wb]
+            k, c = j - i, win.shape[2]
+            # rows: each output row a weighted sum of a few window rows ([S, C, wb] per window)
+            rows, weights = tap_bags(rows_all[i:j], wy[i:j], hb, int(used_y[i:j].max()))
+            res = F.embedding_bag(rows, win.view(k * hb, c * wb), mode="sum", per_sample_weights=weights)
+            # columns: the same on the transposed result, whose rows are the windows' columns
+            res = res.view(k, size, c, wb).permute(0, 3, 1, 2).reshape(k * wb, size * c)
+            cols, weights = tap_bags(cols_all[i:j], wx[i:j], wb, int(used_x[i:j].max()))
+            res = F.embedding_bag(cols, res, mode="sum", per_sample_weights=weights)  # [k*S(x), S(y)*C]
             if out is None:
-                out = torch.empty(k_all, c, size, size)
-            out[done : done + k].copy_(res.view(k, size, c, size).permute(0, 2, 1, 3))
-            order[done : done + k] = ix
-            done += k
-    if out is None:
-        return torch.zeros(0, 1, size, size), torch.zeros(0, dtype=torch.int64)
-    return out, torch.from_numpy(order)
+                out = torch.empty(k_all, size, size, c)
+            out[i:j].copy_(res.view(k, size, size, c))
+    return out.permute(0, 3, 2, 1), torch.from_numpy(order)
 
 
 def in_roi_order(crops: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -403,8 +430,10 @@ def run_toggles(counts: np.ndarray, lengths: np.ndarray, h: int, w: int) -> np.n
     ends = total - np.repeat(total[first] - counts[first], lengths)  # within each mask
     inside = np.ones(len(counts), bool)
     inside[first + lengths - 1] = False  # a mask's last run ends at h * w: nothing to toggle
-    at, times = np.unique(mask[inside] * (h * w) + ends[inside], return_counts=True)
-    return at[times % 2 == 1]  # a zero-length run puts two ends on one pixel: they cancel
+    keys = mask[inside] * (h * w) + ends[inside]  # sorted already: counts are >= 0, masks in order
+    first_of = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else keys
+    times = np.diff(np.r_[first_of, len(keys)])
+    return keys[first_of[times % 2 == 1]]  # a zero-length run puts two ends on one pixel: they cancel
 
 
 def masks_from_counts(counts: np.ndarray, lengths: np.ndarray, h: int, w: int, device) -> torch.Tensor:
@@ -531,7 +560,7 @@ def image_mask_crops(
             ``[chunk, H, W]`` float32 buffer roi_align needs).
         resample: ``"roi_align"`` (``roi_align_crops``: torchvision's kernel on the image and on
             full-size masks), ``"separable"`` (``window_crops``: per-ROI windows composited at full
-            resolution, then the same resampling as roi_align by matrix products; CPU only) or
+            resolution, then the same resampling as roi_align, separably; CPU only) or
             ``"auto"``: separable on a CPU, roi_align elsewhere.
 
     Returns:
@@ -592,10 +621,17 @@ def crop_rois(image: np.ndarray, anns: Sequence[dict], spec: CropSpec, padding: 
 
 
 def normalise(crops: torch.Tensor, spec: CropSpec) -> torch.Tensor:
-    """CLIP's normalisation of 0..255 crops, in place."""
-    mean = torch.tensor(spec.mean, device=crops.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=crops.device).view(1, 3, 1, 1) * 255.0
-    return crops.sub_(mean).div_(std)
+    """CLIP's normalisation of 0..255 crops, in place (contiguous or channels-last)."""
+    mean = torch.tensor(spec.mean, device=crops.device) * 255.0
+    std = torch.tensor(spec.std, device=crops.device) * 255.0
+    size = crops.shape[-1]
+    if crops.dim() == 4 and crops.shape[1] > 1 and crops.is_contiguous(memory_format=torch.channels_last):
+        # channels innermost: broadcasting a [3] over them runs ~10x slower here than a row of
+        # ``size`` pixels' channels over the ``[K * size, size * C]`` rows it is
+        rows = crops.permute(0, 2, 3, 1).view(-1, size * crops.shape[1])
+        rows.sub_(mean.repeat(size)).div_(std.repeat(size))
+        return crops
+    return crops.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 
 
 def window_crops(
@@ -612,9 +648,12 @@ def window_crops(
     Each ROI's window of its image (and, for ``"blur"``, of the blurred image) is cut with its mask
     (``window_masks``), the background applied at full resolution -- the reference's order, which
     ``compose_crops`` approximates to avoid full-size composites -- and the windows of all the
-    images resampled together by ``separable_resample`` (fewer, fuller matrix products than image
-    by image). Windows are cut with numpy (a slice and a stack cost a few times less than torch's
-    copies), in uint8 with the mask as one more channel unless the planes are float.
+    images resampled together by ``separable_resample`` (fewer, fuller calls than image by image).
+    Windows are cut with numpy (a slice and a stack cost a few times less than torch's copies), in
+    uint8 with the mask as one more channel unless the planes are float. They are cut from the
+    transposed image (``[W, C, H]``: its rows are the image's columns, holding all channels), so
+    that ``separable_resample``'s output layout, x-major for what it reads, is the crops' own
+    channels-last ``[K, y, x, C]``: no copy of the crops into ``[K, C, y, x]``.
 
     Args:
         images: ``N`` images ``[H_i, W_i, 3]`` uint8 RGB.
@@ -625,7 +664,8 @@ def window_crops(
 
     Returns:
         ``crops, order`` (``separable_resample``): ``[sum M_i, 3, size, size]`` float32 crops,
-        0..255, where ``crops[j]`` is the ``order[j]``-th mask counting image after image.
+        0..255, channels-last in memory, where ``crops[j]`` is the ``order[j]``-th mask counting
+        image after image.
     """
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
@@ -639,10 +679,10 @@ def window_crops(
     for image in images:
         if background == "blur":
             img = torch.from_numpy(image).permute(2, 0, 1).float()
-            src = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0).permute(1, 0, 2).numpy()
+            src = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0).permute(2, 0, 1).numpy()
         else:
-            src = image.transpose(0, 2, 1)
-        srcs.append(np.ascontiguousarray(src))  # [H, C, W]: a window's rows hold all its channels
+            src = image.transpose(1, 2, 0)
+        srcs.append(np.ascontiguousarray(src))  # [W, C, H]: a window's columns hold all its channels
     if background != "none":  # "none" needs no mask at all, only the box
         area = sizes[:, 0] * sizes[:, 1]
         shift = np.cumsum(m * area) - m * area  # each image's keys after the previous image's
@@ -658,26 +698,28 @@ def window_crops(
     c = 6 if background == "blur" else 3
     dtype = np.float32 if background == "blur" else np.uint8
 
-    def read(ix, ys, xs, hb, wb):
-        win = np.empty((len(ix), hb, c + (toggles is not None), wb), dtype)
+    def read(ix, xs, ys, wb, hb):  # in the transposed image: its rows are x, its columns y
+        win = np.empty((len(ix), wb, c + (toggles is not None), hb), dtype)
         np.stack(
             [
-                srcs[i][y : y + hb, :, x : x + wb]
-                for i, y, x in zip(owner[ix].tolist(), ys.tolist(), xs.tolist(), strict=True)
+                srcs[i][x : x + wb, :, y : y + hb]
+                for i, x, y in zip(owner[ix].tolist(), xs.tolist(), ys.tolist(), strict=True)
             ],
             out=win[:, :, :c],
         )
         t = torch.from_numpy(win)
         if toggles is None:
             return t.float()
-        window_masks(toggles, starts[ix], h[ix], w[ix], ys, xs, win[:, :, c])
+        window_masks(toggles, starts[ix], h[ix], w[ix], ys, xs, win[:, :, c].transpose(0, 2, 1))
         keep = t[:, :, c:].float()
         if background == "dim":  # the reference's I * m + I * (1 - m) * dim
             # made float first: a product that casts uint8 as it broadcasts runs ~2.5x slower
             return t[:, :, :3].float().mul_(keep.mul_(1.0 - dim).add_(dim))
         return torch.lerp(t[:, :, 3:6], t[:, :, :3], keep)  # blurred outside, sharp inside
 
-    return separable_resample(torch.cat(list(rois)), size, h, w, read)
+    # the transposed problem: x and y swapped in the boxes and sizes; its crops transposed back
+    crops, order = separable_resample(torch.cat(list(rois))[:, [1, 0, 3, 2]], size, w, h, read)
+    return crops.transpose(2, 3), order
 
 
 def roi_align_crops(

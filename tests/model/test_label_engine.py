@@ -244,7 +244,8 @@ def test_separable_resampling_is_roi_align(h, w, size, monkeypatch):
         )  # [k, hb, C, wb]
 
     crops, order = le.separable_resample(rois, size, h, w, read)
-    assert crops.is_contiguous() and sorted(order.tolist()) == list(range(len(rois)))
+    # the second step's own layout, [K, x, y, C] contiguous, seen as [K, C, y, x]
+    assert crops.permute(0, 3, 2, 1).is_contiguous() and sorted(order.tolist()) == list(range(len(rois)))
     torch.testing.assert_close(crops, ref[order], atol=2e-3, rtol=1e-5)  # 0..255 values
     ours = le.in_roi_order(crops, order)
     assert ours.shape == ref.shape == (len(rois), 5, size, size)
@@ -321,6 +322,10 @@ def test_masks_built_on_the_device_from_run_lengths_are_pycocotools_masks():
         assert out.shape == (5, h, w) and out.transpose(1, 2).is_contiguous()
         np.testing.assert_array_equal(out.numpy(), np.stack([*masks, np.ones((h, w), np.uint8)]))
         np.testing.assert_array_equal(out[:4].numpy(), decode_rles(segs[:4], h, w))
+    # zero-length runs inside a mask (an uncompressed RLE may have them): their ends cancel
+    counts, lengths = coco_counts([{"size": [7, 5], "counts": [2, 0, 0, 3, 0, 0, 30]}], 7, 5)
+    out = le.masks_from_counts(counts, lengths, 7, 5, torch.device("cpu"))
+    np.testing.assert_array_equal(out.numpy().transpose(0, 2, 1).reshape(-1), np.r_[0, 0, 1, 1, 1, [0] * 30])
 
 
 def test_run_lengths_of_a_bad_rle_name_the_mask():
