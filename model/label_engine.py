@@ -677,9 +677,9 @@ def window_crops(
     h, w = sizes[owner, 0], sizes[owner, 1]
     srcs, toggles, starts = [], None, None
     for image in images:
-        if background == "blur":
-            img = torch.from_numpy(image).permute(2, 0, 1).float()
-            src = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0).permute(2, 0, 1).numpy()
+        if background == "blur":  # blurred in the transposed frame too (the blur is symmetric)
+            img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 1, 0))).float()  # [3, W, H]
+            src = torch.cat([img, gaussian_blur_separable(img, blur_radius)], 0).permute(1, 0, 2).numpy()
         else:
             src = image.transpose(1, 2, 0)
         srcs.append(np.ascontiguousarray(src))  # [W, C, H]: a window's columns hold all its channels
