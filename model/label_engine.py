@@ -65,6 +65,9 @@ from .clip import DEFAULT_TEMPLATES, ClipBundle, encode_images, encode_texts
 BACKGROUNDS = ("dim", "blur", "none")
 GROUPS_PER_OCTAVE = 2  # window-size groups per doubling (separable_resample)
 WINDOW_CROPS_AT_ONCE = 256  # CPU: masks of consecutive images cut together (embed_mask_crops)
+# ... and at most this many bytes of crops: under the 64 MiB that keep_freed_memory has glibc
+# reuse, so each call's crop buffer is recycled instead of faulted in (x1.45 for 224 px crops)
+WINDOW_CROP_BYTES_AT_ONCE = 32 << 20
 WINDOW_PIXELS_AT_ONCE = 1 << 22  # CPU: window pixels resampled in one call (~32 bytes each at most)
 
 
@@ -854,7 +857,8 @@ def embed_mask_crops(
 
     def cpu_chunks() -> Iterator[torch.Tensor]:  # a CPU: several images' windows at once
         done = 0
-        for chunk in image_chunks([len(a) for a in annotations], max(batch_size, WINDOW_CROPS_AT_ONCE)):
+        at_once = max(1, min(WINDOW_CROPS_AT_ONCE, WINDOW_CROP_BYTES_AT_ONCE // (12 * spec.size**2)))
+        for chunk in image_chunks([len(a) for a in annotations], at_once):
             crops, order = cpu_mask_crops(
                 [images[i] for i in chunk],
                 [annotations[i] for i in chunk],
