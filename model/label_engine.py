@@ -330,7 +330,9 @@ def taps_used(weight: torch.Tensor) -> np.ndarray:
     return np.where(nz.any(1), nz.shape[1] - np.argmax(nz[:, ::-1], 1), 1)
 
 
-def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> tuple[torch.Tensor, torch.Tensor]:
+def separable_resample(
+    rois_xyxy: torch.Tensor, size: int, h, w, read, affine: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``roi_resample`` computes, resampling rows then columns of each ROI's window (on the CPU).
 
     torchvision's CPU roi_align works sample by sample on one thread (about 40 ns per sample and
@@ -353,6 +355,9 @@ def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> tuple[
             contiguous, on the CPU; channels inside rows, so one table row holds them all) of the
             ROIs ``index``: rows ``ys[i] .. ys[i] + hb`` and columns ``xs[i] .. xs[i] + wb``
             (``[k]`` int64 arrays) of ROI ``index[i]``'s image, all inside it.
+        affine: optional per-channel ``scale, shift`` (``[C]`` each): the crops come out as
+            ``crop * scale + shift``, applied as they are copied out (e.g. CLIP's normalisation,
+            without another pass over all the crops).
 
     Returns:
         ``crops, order``: ``[K, C, size, size]`` float32 and ``[K]`` int64, where ``crops[j]`` is
@@ -409,7 +414,14 @@ def separable_resample(rois_xyxy: torch.Tensor, size: int, h, w, read) -> tuple[
             res = F.embedding_bag(cols, res, mode="sum", per_sample_weights=weights)  # [k*S(x), S(y)*C]
             if out is None:
                 out = torch.empty(k_all, size, size, c)
-            out[i:j].copy_(res.view(k, size, size, c))
+                if affine is not None:  # per channel, tiled over a row of [size, C]
+                    scale, shift = (v.to(out).repeat(size) for v in affine)
+            if affine is None:
+                out[i:j].copy_(res.view(k, size, size, c))
+            else:
+                torch.addcmul(
+                    shift, res.view(k * size, size * c), scale, out=out[i:j].view(k * size, size * c)
+                )
     return out.permute(0, 3, 2, 1), torch.from_numpy(order)
 
 
@@ -595,8 +607,9 @@ def cpu_mask_crops(
         background,
         dim,
         blur_radius,
+        normalise_to=spec,
     )
-    return normalise(crops, spec), order
+    return crops, order
 
 
 def resample_for(resample: str, device: torch.device) -> str:
@@ -645,6 +658,7 @@ def window_crops(
     background: str,
     dim: float,
     blur_radius: float,
+    normalise_to: CropSpec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask crops on the CPU: each ROI's window composited as the reference does, then resampled.
 
@@ -664,10 +678,12 @@ def window_crops(
         rois: per image ``[M_i, 4]`` float32 boxes (``center_square``).
         size: the crops' side.
         background, dim, blur_radius: as ``embed_mask_crops``.
+        normalise_to: a CLIP's transform whose normalisation the crops get (as ``normalise``
+            does, but as they are written); None: the crops stay 0..255.
 
     Returns:
         ``crops, order`` (``separable_resample``): ``[sum M_i, 3, size, size]`` float32 crops,
-        0..255, channels-last in memory, where ``crops[j]`` is the ``order[j]``-th mask counting
+        0..255 or normalised, channels-last in memory, where ``crops[j]`` is the ``order[j]``-th mask counting
         image after image.
     """
     if background not in BACKGROUNDS:
@@ -721,7 +737,13 @@ def window_crops(
         return torch.lerp(t[:, :, 3:6], t[:, :, :3], keep)  # blurred outside, sharp inside
 
     # the transposed problem: x and y swapped in the boxes and sizes; its crops transposed back
-    crops, order = separable_resample(torch.cat(list(rois))[:, [1, 0, 3, 2]], size, w, h, read)
+    affine = None
+    if normalise_to is not None:  # (x - mean) / std as x * (1 / std) - mean / std, of 0..255 pixels
+        mean, std = (
+            torch.tensor(v, dtype=torch.float64) * 255.0 for v in (normalise_to.mean, normalise_to.std)
+        )
+        affine = (1.0 / std, -mean / std)
+    crops, order = separable_resample(torch.cat(list(rois))[:, [1, 0, 3, 2]], size, w, h, read, affine)
     return crops.transpose(2, 3), order
 
 
