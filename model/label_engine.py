@@ -784,6 +784,39 @@ def roi_align_crops(
     return compose_crops(image_rois, mask_rois, background, dim, blurred_rois)
 
 
+def cpu_crop_chunks(
+    images: Sequence[np.ndarray],
+    annotations: Sequence[Sequence[dict]],
+    spec: CropSpec,
+    padding: float,
+    background: str,
+    dim: float,
+    blur_radius: float,
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """The CPU path of ``embed_mask_crops``: the normalised crops of consecutive images' masks,
+    cut together (``cpu_mask_crops``) at most ``WINDOW_CROPS_AT_ONCE`` masks and
+    ``WINDOW_CROP_BYTES_AT_ONCE`` bytes of crops at a time (an image with more comes alone).
+
+    Yields:
+        ``crops, order``: ``[m, 3, S, S]`` crops (channels-last) and ``[m]`` int64, where
+        ``crops[j]`` is the ``order[j]``-th mask counting from the first image's first.
+    """
+    done = 0
+    at_once = max(1, min(WINDOW_CROPS_AT_ONCE, WINDOW_CROP_BYTES_AT_ONCE // (12 * spec.size**2)))
+    for chunk in image_chunks([len(a) for a in annotations], at_once):
+        crops, order = cpu_mask_crops(
+            [images[i] for i in chunk],
+            [annotations[i] for i in chunk],
+            spec,
+            padding,
+            background,
+            dim,
+            blur_radius,
+        )
+        yield crops, order.numpy() + done
+        done += len(crops)
+
+
 def image_chunks(masks_per_image: Sequence[int], at_most: int) -> Iterator[list[int]]:
     """Consecutive runs of image indices with at most ``at_most`` masks in all (an image with more
     comes alone), so that cutting a run's crops at once bounds their memory."""
@@ -877,21 +910,9 @@ def embed_mask_crops(
     device = next(bundle.model.parameters()).device
     orders: list[np.ndarray] = []  # the CPU path's crop order, for its embeddings
 
-    def cpu_chunks() -> Iterator[torch.Tensor]:  # a CPU: several images' windows at once
-        done = 0
-        at_once = max(1, min(WINDOW_CROPS_AT_ONCE, WINDOW_CROP_BYTES_AT_ONCE // (12 * spec.size**2)))
-        for chunk in image_chunks([len(a) for a in annotations], at_once):
-            crops, order = cpu_mask_crops(
-                [images[i] for i in chunk],
-                [annotations[i] for i in chunk],
-                spec,
-                padding,
-                background,
-                dim,
-                blur_radius,
-            )
-            orders.append(order.numpy() + done)
-            done += len(crops)
+    def cpu_chunks() -> Iterator[torch.Tensor]:
+        for crops, order in cpu_crop_chunks(images, annotations, spec, padding, background, dim, blur_radius):
+            orders.append(order)
             yield crops
 
     if resample_for(resample, device) == "separable":
