@@ -582,34 +582,11 @@ def image_mask_crops(
         ``[M, 3, S, S]`` float32 normalised crops, in the order of ``anns``.
     """
     if resample_for(resample, device) == "separable":
-        return in_roi_order(*cpu_mask_crops([image], [anns], spec, padding, background, dim, blur_radius))
+        (crops, order), *_ = cpu_crop_chunks([image], [anns], spec, padding, background, dim, blur_radius)
+        return in_roi_order(crops, torch.from_numpy(order))
     rois = crop_rois(image, anns, spec, padding).to(device)
     crops = roi_align_crops(image, anns, rois, spec.size, device, background, dim, blur_radius, mask_chunk)
     return normalise(crops, spec)
-
-
-def cpu_mask_crops(
-    images: Sequence[np.ndarray],
-    annotations: Sequence[Sequence[dict]],
-    spec: CropSpec,
-    padding: float,
-    background: str,
-    dim: float,
-    blur_radius: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CLIP-normalised crops of several images' masks, cut together (``window_crops``), on the
-    CPU: ``[sum M_i, 3, S, S]`` and their order, as ``window_crops``."""
-    crops, order = window_crops(
-        images,
-        [[a["segmentation"] for a in anns] for anns in annotations],
-        [crop_rois(image, anns, spec, padding) for image, anns in zip(images, annotations, strict=True)],
-        spec.size,
-        background,
-        dim,
-        blur_radius,
-        normalise_to=spec,
-    )
-    return crops, order
 
 
 def resample_for(resample: str, device: torch.device) -> str:
@@ -793,25 +770,28 @@ def cpu_crop_chunks(
     dim: float,
     blur_radius: float,
 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """The CPU path of ``embed_mask_crops``: the normalised crops of consecutive images' masks,
-    cut together (``cpu_mask_crops``) at most ``WINDOW_CROPS_AT_ONCE`` masks and
+    """The CPU path of ``embed_mask_crops``: the CLIP-normalised crops of consecutive images'
+    masks, cut together (``window_crops``) at most ``WINDOW_CROPS_AT_ONCE`` masks and
     ``WINDOW_CROP_BYTES_AT_ONCE`` bytes of crops at a time (an image with more comes alone).
 
     Yields:
         ``crops, order``: ``[m, 3, S, S]`` crops (channels-last) and ``[m]`` int64, where
-        ``crops[j]`` is the ``order[j]``-th mask counting from the first image's first.
+        ``crops[j]`` is the ``order[j]``-th mask counting from the first image's first; at least
+        one chunk, if empty.
     """
     done = 0
     at_once = max(1, min(WINDOW_CROPS_AT_ONCE, WINDOW_CROP_BYTES_AT_ONCE // (12 * spec.size**2)))
     for chunk in image_chunks([len(a) for a in annotations], at_once):
-        crops, order = cpu_mask_crops(
-            [images[i] for i in chunk],
-            [annotations[i] for i in chunk],
-            spec,
-            padding,
+        ims, anns = [images[i] for i in chunk], [annotations[i] for i in chunk]
+        crops, order = window_crops(
+            ims,
+            [[a["segmentation"] for a in x] for x in anns],
+            [crop_rois(image, x, spec, padding) for image, x in zip(ims, anns, strict=True)],
+            spec.size,
             background,
             dim,
             blur_radius,
+            normalise_to=spec,
         )
         yield crops, order.numpy() + done
         done += len(crops)
