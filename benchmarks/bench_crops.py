@@ -36,10 +36,11 @@ from timing import best_of_interleaved
 from ssam.device import keep_freed_memory
 from ssam.model import label_engine as le
 from ssam.overlay import decode_rle
-from ssam.stages.labels import crop_with_background
+from ssam.stages.labels import LabelsConfig, crop_with_background
 from ssam.stages.masks import image_from_jpeg
 
-PADDING, DIM, BLUR = 0.1, 0.3, 8.0  # the labels section's defaults
+DEFAULTS = LabelsConfig()  # the labels section's shipped defaults
+PADDING, DIM, BLUR = DEFAULTS.crop_padding, DEFAULTS.background_dim, DEFAULTS.blur_radius
 
 
 def reference_crops(images, annotations, preprocess, background):

@@ -614,17 +614,10 @@ def crop_rois(image: np.ndarray, anns: Sequence[dict], spec: CropSpec, padding: 
 
 
 def normalise(crops: torch.Tensor, spec: CropSpec) -> torch.Tensor:
-    """CLIP's normalisation of 0..255 crops, in place (contiguous or channels-last)."""
-    mean = torch.tensor(spec.mean, device=crops.device) * 255.0
-    std = torch.tensor(spec.std, device=crops.device) * 255.0
-    size = crops.shape[-1]
-    if crops.dim() == 4 and crops.shape[1] > 1 and crops.is_contiguous(memory_format=torch.channels_last):
-        # channels innermost: broadcasting a [3] over them runs ~10x slower here than a row of
-        # ``size`` pixels' channels over the ``[K * size, size * C]`` rows it is
-        rows = crops.permute(0, 2, 3, 1).view(-1, size * crops.shape[1])
-        rows.sub_(mean.repeat(size)).div_(std.repeat(size))
-        return crops
-    return crops.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+    """CLIP's normalisation of 0..255 crops, in place."""
+    mean = torch.tensor(spec.mean, device=crops.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=crops.device).view(1, 3, 1, 1) * 255.0
+    return crops.sub_(mean).div_(std)
 
 
 def window_crops(
@@ -660,8 +653,8 @@ def window_crops(
 
     Returns:
         ``crops, order`` (``separable_resample``): ``[sum M_i, 3, size, size]`` float32 crops,
-        0..255 or normalised, channels-last in memory, where ``crops[j]`` is the ``order[j]``-th mask counting
-        image after image.
+        0..255 or normalised, channels-last in memory, where ``crops[j]`` is the ``order[j]``-th
+        mask counting image after image.
     """
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
@@ -713,13 +706,13 @@ def window_crops(
             return t[:, :, :3].float().mul_(keep.mul_(1.0 - dim).add_(dim))
         return torch.lerp(t[:, :, 3:6], t[:, :, :3], keep)  # blurred outside, sharp inside
 
-    # the transposed problem: x and y swapped in the boxes and sizes; its crops transposed back
     affine = None
     if normalise_to is not None:  # (x - mean) / std as x * (1 / std) - mean / std, of 0..255 pixels
         mean, std = (
             torch.tensor(v, dtype=torch.float64) * 255.0 for v in (normalise_to.mean, normalise_to.std)
         )
         affine = (1.0 / std, -mean / std)
+    # the transposed problem: x and y swapped in the boxes and sizes; its crops transposed back
     crops, order = separable_resample(torch.cat(list(rois))[:, [1, 0, 3, 2]], size, w, h, read, affine)
     return crops.transpose(2, 3), order
 
