@@ -115,14 +115,16 @@ def ellipse_annotations(jpeg: bytes, n: int, seed: int) -> str:
 
 
 def random_clip(name: str, device: str):
-    """The smoke CLIP, or open_clip's ``name`` with random weights (timing only), as a ClipBundle."""
+    """The smoke CLIP, or open_clip's ``name`` with seeded random weights (timing only), as a ClipBundle."""
     from ssam.model.clip import ClipBundle, load_clip
 
     if name == "ssam-smoke-clip":
         return load_clip(name, None, seed=0, device=device)
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+    with torch.random.fork_rng():  # seeded: the same random weights in every run
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     dim = int(model.text_projection.shape[1]) if model.text_projection is not None else 512
