@@ -9,7 +9,11 @@ timing only), rounds interleaved, the best round of each kept:
   ``decoder_masks``; ``model/two_way.py``'s first block shared and projections folded), every
   prompt's masks upscaled;
 * ``engine_gated_S``: the same, but the masks part only for a share ``S`` of the prompts, as the
-  engine does for the prompts whose predicted IoU lets a mask through (``--shares``).
+  engine does for the prompts whose predicted IoU lets a mask through (``--shares``);
+* ``engine_conv_upscaling``: the engine's decoder with the upscaling as segment-anything's
+  transposed convolutions (the engine before 2026-11-29), and the masks part alone both ways
+  (``masks_part``: the matrix products of ``model/two_way.py::upscaled_mask_logits``;
+  ``masks_part_conv``) on one set of transformer outputs.
 
 Reports ms per call, prompts per second, the ratios to the reference, and how far the engine's
 outputs are from the reference's (mask logits and IoU, max abs difference). On CUDA both run in
@@ -17,6 +21,7 @@ bf16 (the engine's decoder is a bf16 copy: the reference runs on the same copy) 
 ``--compile``, each compiled.
 
     python3 benchmarks/bench_decoder.py                                  # CPU, ~2 minutes
+    python3 benchmarks/bench_decoder.py --prompts 64 --bf16              # CPU, the bf16 decoder copy
     python3 benchmarks/bench_decoder.py --device cuda --prompts 512 --compile
 """
 
@@ -44,6 +49,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shares", type=float, nargs="*", default=[0.5, 0.2])
     p.add_argument("--compile", action="store_true", help="torch.compile each variant (CUDA)")
+    p.add_argument(
+        "--bf16", action="store_true", help="on a CPU too, the bf16 decoder copy (what masks.cpu_bf16 runs)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -53,7 +61,7 @@ def main() -> None:
     cuda = dev.type == "cuda"
     if cuda:
         enable_sdpa(sam)  # as the engine runs it
-    dec = bf16_decoder(sam) if cuda else sam.mask_decoder
+    dec = bf16_decoder(sam) if cuda or args.bf16 else sam.mask_decoder
     dtype = dec.iou_token.weight.dtype
     n = args.prompts
     c = sam.prompt_encoder.embed_dim  # 256 for the official sizes, 32 for the smoke SAM
@@ -76,8 +84,22 @@ def main() -> None:
             hs, src = hs[keep], src[keep]
         return decoder_masks(dec, hs, src, hw)[0], iou
 
-    variants = {"reference": reference, "engine": engine}
+    def conv_masks(hs, src):
+        """The masks part as it was before 2026-11-29: segment-anything's transposed convolutions."""
+        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(src.shape[0], c, *hw))
+        return (hyper @ up.flatten(2)).view(src.shape[0], -1, *up.shape[-2:])
+
+    def engine_conv_upscaling():
+        hs, src, iou, _ = decoder_tokens(dec, feats, pe, sparse, dense)
+        return conv_masks(hs, src), iou
+
+    with torch.inference_mode():  # the masks part alone, on one set of transformer outputs
+        hs0, src0 = decoder_tokens(dec, feats, pe, sparse, dense)[:2]
+    variants = {"reference": reference, "engine": engine, "engine_conv_upscaling": engine_conv_upscaling}
     variants.update({f"engine_gated_{s:g}": (lambda s=s: engine(s)) for s in args.shares})
+    variants["masks_part"] = lambda: decoder_masks(dec, hs0, src0, hw)[0]
+    variants["masks_part_conv"] = lambda: conv_masks(hs0, src0)
     if args.compile:
         variants = {k: torch.compile(f) for k, f in variants.items()}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -95,6 +117,11 @@ def main() -> None:
         res["masks_mean_abs"] = float(ref_masks.float().abs().mean())
         res["iou_max_abs_diff"] = float((got_iou.float() - ref_iou.float()).abs().max())
         res["mask_pixels_same_sign"] = float(((got_masks > 0) == (ref_masks > 0)).float().mean())
+        conv = variants["masks_part_conv"]()
+        res["masks_part_vs_conv_max_abs_diff"] = float(
+            (variants["masks_part"]().float() - conv.float()).abs().max()
+        )
+        del conv
         del ref_masks, got_masks
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -102,7 +129,10 @@ def main() -> None:
     for k, t in best.items():
         res[f"{k}_ms"] = t * 1e3
         res[f"{k}_prompts_per_s"] = n / t
-        res[f"{k}_speedup"] = best["reference"] / t
+        if not k.startswith("masks_part"):
+            res[f"{k}_speedup"] = best["reference"] / t
+    res["masks_part_matrices_vs_conv"] = best["masks_part_conv"] / best["masks_part"]
+    res["engine_vs_engine_conv_upscaling"] = best["engine_conv_upscaling"] / best["engine"]
     if cuda:
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(res, indent=1))

@@ -33,9 +33,10 @@ python3 -c "import torch, ssam.model.amg, ssam.stages.masks; print('torch', torc
 
 # 7. SAM's mask decoder, 512 prompts of one image: segment-anything's predict_masks against the
 #    engine's (shared first block, folded projections), all prompts upscaled and 50% / 20% of them
-#    (the IoU gate), bf16, each compiled; ~2 minutes
+#    (the IoU gate), and the upscaling as matrix products against segment-anything's convolutions
+#    (2026-11-29: three more compiled variants, not yet run on a GPU), bf16, each compiled; ~2-3 minutes
 step7() {
-    timeout 120 python3 "$REPO/benchmarks/bench_decoder.py" --device cuda --sam vit_b --prompts 512 --compile \
+    timeout 180 python3 "$REPO/benchmarks/bench_decoder.py" --device cuda --sam vit_b --prompts 512 --compile \
     --rounds 3 --out "$OUT/decoder.json" 2>&1 | grep -v -i warn | tail -40
 }
 

@@ -53,7 +53,7 @@ from ssam.oom import Failed, run_halving_on_oom
 from ssam.overlay import decode_rles
 
 from .sdpa import enable_sdpa
-from .two_way import image_tokens, two_way_forward
+from .two_way import image_tokens, two_way_forward, upscaled_mask_logits
 
 
 @dataclass(frozen=True)
@@ -336,11 +336,51 @@ def decoder_masks(dec, hs, src, hw):
     (else None)."""
     if hasattr(dec, "predict_all"):
         return dec.masks_and_semantic(hs, src, hw)
-    b, c = src.shape[0], src.shape[2]
-    up = dec.output_upscaling(src.transpose(1, 2).view(b, c, *hw))
     hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-    bu, cu, hu, wu = up.shape
-    return (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu), None
+    return upscaled_mask_logits(dec.output_upscaling, hyper, src, hw), None
+
+
+# On a CPU a decoder call's per-prompt tensors (each prompt's 4096 x 256 image tokens, its 65536 x
+# 32 upscaled channels) outgrow the caches when it holds dozens of prompts: every elementwise
+# pass then reads and writes main memory. Run a few prompts at a time, each part's largest
+# per-prompt tensors fit in about this many bytes and are still cached when the next operation
+# reads them (bench_decoder.py, vit_b's decoder, 64 prompts on 2 cores with a 32 MiB L3: the
+# transformer x1.5 in float32 and x1.6 in bf16, the upscaling x1.9 and x1.8). On CUDA the whole
+# call runs at once, as its kernels want.
+CPU_DECODER_CHUNK_BYTES = 16 * 2**20
+
+
+def _upscaled_bytes_per_prompt(dec, src: torch.Tensor) -> int:
+    """Bytes of one prompt's upscaled channels (the masks part's largest tensor)."""
+    up = dec.output_upscaling
+    channels = up[-2].out_channels if isinstance(up, torch.nn.Sequential) else src.shape[2] // 8
+    return 16 * src.shape[1] * channels * src.element_size()
+
+
+def _in_prompt_chunks(fn, per_prompt_bytes: int, n: int, args: list, per_prompt: list[bool]):
+    """``fn(*args)`` over ``n`` prompts, a chunk at a time: the arguments flagged ``per_prompt``
+    (and with ``n`` rows) are sliced, outputs concatenated (None stays None)."""
+    k = max(1, CPU_DECODER_CHUNK_BYTES // max(1, per_prompt_bytes))
+    if n <= k:
+        return fn(*args)
+    parts = [
+        fn(*[a[i : i + k] if cut and a.shape[0] == n else a for a, cut in zip(args, per_prompt, strict=True)])
+        for i in range(0, n, k)
+    ]
+    return tuple(None if outs[0] is None else torch.cat(outs) for outs in zip(*parts, strict=True))
+
+
+def cpu_decoder_tokens(dec, features, pe, sparse, dense):
+    """:func:`decoder_tokens` a few prompts at a time (see ``CPU_DECODER_CHUNK_BYTES``)."""
+    per = features.shape[1] * features.shape[2] * features.shape[3] * features.element_size()
+    args = [dec, features, pe, sparse, dense]
+    return _in_prompt_chunks(decoder_tokens, per, sparse.shape[0], args, [False, True, False, True, True])
+
+
+def cpu_decoder_masks(dec, hs, src, hw):
+    """:func:`decoder_masks` a few prompts at a time (see ``CPU_DECODER_CHUNK_BYTES``)."""
+    per = _upscaled_bytes_per_prompt(dec, src)
+    return _in_prompt_chunks(decoder_masks, per, src.shape[0], [dec, hs, src, hw], [False, True, True, False])
 
 
 def rle_runs(masks_bhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,9 +475,15 @@ class MaskEngine:
         # more. Two parts: the masks part runs only for the prompts whose predicted IoU lets a mask
         # through (its batch size varies: one graph with a dynamic batch size, see CompiledOrEager).
         compile_decoder = s.compile_decoder and cuda
-        self.run_tokens = CompiledOrEager(decoder_tokens, compile_decoder, "the mask decoder's transformer")
+        cpu = self.device.type == "cpu"  # a few prompts at a time (CPU_DECODER_CHUNK_BYTES)
+        self.run_tokens = CompiledOrEager(
+            cpu_decoder_tokens if cpu else decoder_tokens, compile_decoder, "the mask decoder's transformer"
+        )
         self.run_masks = CompiledOrEager(
-            decoder_masks, compile_decoder, "the mask decoder's upscaling", dynamic_batch=True
+            cpu_decoder_masks if cpu else decoder_masks,
+            compile_decoder,
+            "the mask decoder's upscaling",
+            dynamic_batch=True,
         )
         # False: upscale every prompt's masks, as segment-anything does (benchmarks compare)
         self.gate_masks = True

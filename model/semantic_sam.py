@@ -32,7 +32,7 @@ from ssam.weights import load_weights_file
 
 from .calibration import IouCalibration
 from .sam import build_sam_modules, get_sam_size
-from .two_way import image_tokens, two_way_forward
+from .two_way import image_tokens, two_way_forward, upscaled_mask_logits
 
 CHECKPOINT_FORMAT = "ssam-semantic-sam"
 LOGIT_SCALE_MAX = math.log(100.0)  # the temperature exp(logit_scale) stays at most 100, as in CLIP
@@ -147,11 +147,8 @@ class SemanticMaskDecoder(MaskDecoder):
         only for prompts whose predicted IoU lets a mask through (model/amg.py)."""
         k = self.num_mask_tokens
         mask_out, sem_out = hs[:, 1 : 1 + k], hs[:, 1 + k : 1 + 2 * k]
-        b, c = src.shape[0], src.shape[2]
-        up = self.output_upscaling(src.transpose(1, 2).view(b, c, *hw))
         hyper = torch.stack([self.output_hypernetworks_mlps[i](mask_out[:, i]) for i in range(k)], dim=1)
-        bu, cu, hu, wu = up.shape
-        masks = (hyper @ up.view(bu, cu, hu * wu)).view(bu, -1, hu, wu)
+        masks = upscaled_mask_logits(self.output_upscaling, hyper, src, tuple(hw))
         return masks, F.normalize(self.semantic_head(sem_out + self.mask_shape(masks)), dim=-1)
 
 

@@ -221,6 +221,40 @@ def test_several_images_in_one_call_equal_one_at_a_time(toy, photos):
         assert a == [(r["predicted_iou"], r["point_coords"]) for r in alone.records]
 
 
+def test_the_cpu_decoder_runs_a_few_prompts_at_a_time(toy, photos, monkeypatch):
+    """On a CPU the engine's decoder calls run in chunks of prompts whose tensors fit
+    CPU_DECODER_CHUNK_BYTES: the same masks as in one piece, calls straddling images included."""
+    from ssam.model import amg
+
+    settings = AmgSettings(points_per_batch=100, **LOCAL)
+    whole = MaskEngine(toy, settings).generate(photos[:2])
+    sizes = {"tokens": [], "masks": []}
+    tokens, masks = amg.decoder_tokens, amg.decoder_masks
+
+    def counted_tokens(dec, features, pe, sparse, dense):
+        sizes["tokens"].append((sparse.shape[0], features.shape[0]))
+        return tokens(dec, features, pe, sparse, dense)
+
+    def counted_masks(dec, hs, src, hw):
+        sizes["masks"].append(src.shape[0])
+        return masks(dec, hs, src, hw)
+
+    monkeypatch.setattr(amg, "decoder_tokens", counted_tokens)
+    monkeypatch.setattr(amg, "decoder_masks", counted_masks)
+    image_tokens = 32 * 16 * 16 * 4  # one prompt's: the smoke SAM's 16x16 embedding, 32 wide, float32
+    monkeypatch.setattr(amg, "CPU_DECODER_CHUNK_BYTES", 7 * image_tokens)
+    parts = MaskEngine(toy, settings).generate(photos[:2])
+    # 7 prompts per transformer call; a call straddling two images brings each prompt's embedding
+    assert max(p for p, _ in sizes["tokens"]) == 7 and any(f == p > 1 for p, f in sizes["tokens"])
+    assert max(sizes["masks"]) == 3  # upscaled: 16 x 256 pixels x 4 channels per prompt, 2x the tokens
+    for a, b in zip(whole, parts, strict=True):
+        assert len(a.records) == len(b.records) > 0
+        assert share_matched(a.records, b.records, 0.99) == 1.0
+        np.testing.assert_allclose(
+            [r["predicted_iou"] for r in a.records], [r["predicted_iou"] for r in b.records], rtol=1e-5
+        )
+
+
 def test_precomputed_features_and_returned_masks(toy, photos):
     engine = MaskEngine(toy, AmgSettings(max_masks=5, **LOCAL))
     feats = engine.encode(photos[:2])
@@ -422,6 +456,41 @@ def test_regrouped_attention_is_segment_anythings_attention():
         )
 
 
+def test_upscaling_as_matrix_products_is_segment_anythings_upscaling():
+    """model/two_way.py runs the decoder's upscaling (two 2x2 stride-2 transposed convolutions, a
+    LayerNorm2d, GELUs) and the hypernetwork product as matrix products with the sub-pixels put in
+    place at the end: in float64 segment-anything's MaskDecoder arithmetic to rounding, at SAM's
+    sizes (256 channels) on a non-square embedding; with gradients it is segment-anything's own
+    module call."""
+    from segment_anything.modeling import MaskDecoder
+    from segment_anything.modeling.transformer import TwoWayTransformer
+
+    from ssam.model.two_way import upscaled_mask_logits
+
+    torch.manual_seed(0)
+    dec = MaskDecoder(transformer_dim=256, transformer=TwoWayTransformer(2, 256, 8, 2048)).double()
+    with torch.no_grad():
+        for prm in dec.output_upscaling.parameters():
+            prm.normal_(0, 0.1)  # LayerNorm's weights and every bias away from 1 and 0
+    h, w = 5, 7
+    src, hyper = torch.randn(3, h * w, 256).double(), torch.randn(3, 4, 32).double()
+
+    def theirs(src):  # MaskDecoder.predict_masks's last lines
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(3, 256, h, w))
+        return (hyper @ up.view(3, 32, -1)).view(3, -1, 4 * h, 4 * w)
+
+    with torch.no_grad():
+        got = upscaled_mask_logits(dec.output_upscaling, hyper, src, (h, w))
+        torch.testing.assert_close(got, theirs(src), rtol=1e-9, atol=1e-9)
+    calls = []
+    hook = dec.output_upscaling.register_forward_hook(lambda *a: calls.append(1))
+    src.requires_grad_(True)
+    got = upscaled_mask_logits(dec.output_upscaling, hyper, src, (h, w))
+    hook.remove()
+    assert calls == [1] and got.requires_grad  # training: the module itself, its gradient
+    torch.testing.assert_close(got.detach(), theirs(src).detach(), rtol=1e-9, atol=1e-9)
+
+
 def test_training_keeps_segment_anythings_transformer_forward(monkeypatch):
     """With gradients (training) two_way_forward runs segment-anything's own forward on P
     materialised copies, as the decoder did before model/two_way.py; without, the shared path,
@@ -478,7 +547,7 @@ def test_the_bf16_decoder_follows_the_float32_one(kind, photos):
 
 @pytest.mark.parametrize("part", ["run_tokens", "run_masks"])
 def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog, part):
-    from ssam.model.amg import decoder_masks, decoder_tokens
+    from ssam.model.amg import cpu_decoder_masks, cpu_decoder_tokens
 
     calls = []
 
@@ -490,7 +559,7 @@ def test_a_decoder_that_fails_to_compile_runs_eagerly(toy, photos, caplog, part)
     getattr(engine, part).fn = broken  # as if compiled
     with caplog.at_level("WARNING", logger="ssam.device"):
         (got,) = engine.generate(photos[:1])
-    eager = {"run_tokens": decoder_tokens, "run_masks": decoder_masks}[part]
+    eager = {"run_tokens": cpu_decoder_tokens, "run_masks": cpu_decoder_masks}[part]  # on a CPU
     assert calls == [1] and getattr(engine, part).fn is eager
     assert "running it eagerly" in caplog.text
     assert (
