@@ -7,11 +7,13 @@ timing only), rounds interleaved, the best round of each kept:
   per prompt, its own attention), every prompt's masks upscaled;
 * ``engine``: the masks engine's decoder (``model/amg.py``: ``decoder_tokens`` then
   ``decoder_masks``; ``model/two_way.py``'s first block shared and projections folded), every
-  prompt's masks upscaled;
+  prompt's masks upscaled; on a CPU, as the engine runs it there, a few prompts at a time
+  (``cpu_decoder_tokens``, ``cpu_decoder_masks``), and ``engine_one_piece`` the whole call at once;
 * ``engine_gated_S``: the same, but the masks part only for a share ``S`` of the prompts, as the
   engine does for the prompts whose predicted IoU lets a mask through (``--shares``);
-* ``engine_conv_upscaling``: the engine's decoder with the upscaling as segment-anything's
-  transposed convolutions (the engine before 2026-11-29), and the masks part alone both ways
+* ``engine_conv_upscaling``: the engine's decoder, the whole call at once, with the upscaling as
+  segment-anything's transposed convolutions (the engine before 2026-11-29), and the masks part
+  alone both ways
   (``masks_part``: the matrix products of ``model/two_way.py::upscaled_mask_logits``;
   ``masks_part_conv``) on one set of transformer outputs.
 
@@ -38,7 +40,13 @@ import torch
 def main() -> None:
     from timing import best_of_interleaved
 
-    from ssam.model.amg import bf16_decoder, decoder_masks, decoder_tokens
+    from ssam.model.amg import (
+        bf16_decoder,
+        cpu_decoder_masks,
+        cpu_decoder_tokens,
+        decoder_masks,
+        decoder_tokens,
+    )
     from ssam.model.sam import build_sam
     from ssam.model.sdpa import enable_sdpa
 
@@ -77,12 +85,17 @@ def main() -> None:
     def reference():
         return dec.predict_masks(feats, pe, sparse, dense.expand(n, -1, -1, -1))
 
-    def engine(share=1.0):
-        hs, src, iou, _ = decoder_tokens(dec, feats, pe, sparse, dense)
+    # what the engine runs on this device: on a CPU a few prompts at a time (CPU_DECODER_CHUNK_BYTES)
+    run_tokens, run_masks = (
+        (decoder_tokens, decoder_masks) if cuda else (cpu_decoder_tokens, cpu_decoder_masks)
+    )
+
+    def engine(share=1.0, run_tokens=run_tokens, run_masks=run_masks):
+        hs, src, iou, _ = run_tokens(dec, feats, pe, sparse, dense)
         if share < 1.0:
             keep = torch.arange(0, n, max(1, round(1 / share)), device=dev)
             hs, src = hs[keep], src[keep]
-        return decoder_masks(dec, hs, src, hw)[0], iou
+        return run_masks(dec, hs, src, hw)[0], iou
 
     def conv_masks(hs, src):
         """The masks part as it was before 2026-11-29: segment-anything's transposed convolutions."""
@@ -97,6 +110,8 @@ def main() -> None:
     with torch.inference_mode():  # the masks part alone, on one set of transformer outputs
         hs0, src0 = decoder_tokens(dec, feats, pe, sparse, dense)[:2]
     variants = {"reference": reference, "engine": engine, "engine_conv_upscaling": engine_conv_upscaling}
+    if not cuda:
+        variants["engine_one_piece"] = lambda: engine(1.0, decoder_tokens, decoder_masks)
     variants.update({f"engine_gated_{s:g}": (lambda s=s: engine(s)) for s in args.shares})
     variants["masks_part"] = lambda: decoder_masks(dec, hs0, src0, hw)[0]
     variants["masks_part_conv"] = lambda: conv_masks(hs0, src0)
@@ -133,6 +148,8 @@ def main() -> None:
             res[f"{k}_speedup"] = best["reference"] / t
     res["masks_part_matrices_vs_conv"] = best["masks_part_conv"] / best["masks_part"]
     res["engine_vs_engine_conv_upscaling"] = best["engine_conv_upscaling"] / best["engine"]
+    if "engine_one_piece" in best:
+        res["engine_vs_engine_one_piece"] = best["engine_one_piece"] / best["engine"]
     if cuda:
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(res, indent=1))
