@@ -235,8 +235,8 @@ def stage_pair(
         }
         section = cfg_section.model_copy(update=update)
         if kind == "masks":
-            # the batched engine switches its model to SDPA attention on CUDA: give it its own copy
-            own = copy.deepcopy(model) if engine == "batched" and device.startswith("cuda") else model
+            # the batched engine switches its model to SDPA attention: give it its own copy
+            own = copy.deepcopy(model) if engine == "batched" else model
             out[engine] = MaskStage(section, seed, sam=own)
         else:
             out[engine] = LabelStage(section, seed, clip=model)

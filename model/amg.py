@@ -464,8 +464,10 @@ class MaskEngine:
             import cv2  # noqa: F401 -- remove_small_regions needs it: fail now, not after the model ran
         self.semantic = hasattr(model.mask_decoder, "predict_all")
         cuda = self.device.type == "cuda"
-        if cuda:  # fused attention kernels; this model instance only (see model/sdpa.py)
-            enable_sdpa(model)
+        # PyTorch's fused attention for this model instance only (see model/sdpa.py): flash or
+        # memory-efficient kernels on CUDA; on a CPU its flash kernel never writes the encoder's
+        # 4096 x 4096 attention matrices of the global blocks (vit_b's encoder x1.3 in float32)
+        enable_sdpa(model)
         self.encoder = CompiledOrEager(model.image_encoder, s.compile_encoder and cuda, "the image encoder")
         self.bf16 = use_bf16(self.device, s.bf16, s.cpu_bf16)
         # The engine's decoder: a bf16 snapshot (see bf16_decoder), else the model's own.

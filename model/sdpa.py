@@ -1,8 +1,11 @@
-"""Scaled-dot-product attention for SAM's attention blocks (used on CUDA).
+"""Scaled-dot-product attention for SAM's attention blocks (the masks engine's, on every device).
 
 segment-anything's attention layers form the full softmax(QK^T)V by hand. PyTorch's
 ``F.scaled_dot_product_attention`` computes the same thing with fused kernels (flash or
-memory-efficient attention on CUDA), without materialising the attention matrix where it can.
+memory-efficient attention on CUDA, a flash kernel on a CPU), without materialising the attention
+matrix where it can: on a CPU the encoder's global blocks then no longer write and reread
+``heads x 4096 x 4096`` floats for each step of the attention (vit_b's encoder x1.3 in float32,
+x1.1 in bf16; ``benchmarks/README.md``).
 :func:`enable_sdpa` rebinds the ``forward`` of each attention module of one model instance (other
 instances, e.g. a reference model, keep segment-anything's own forward). Written here because
 segment-anything has no switch for it; the image encoder's decomposed relative-position term

@@ -8,6 +8,7 @@ prompt, cut by the image's encoder features. Reference and engine call the same 
 both must agree; the unmodified smoke SAM and a Semantic-SAM are tested as well.
 """
 
+import copy
 import math
 from functools import partial
 from types import SimpleNamespace
@@ -40,6 +41,7 @@ from ssam.model.amg import (
     upscale_logits,
 )
 from ssam.model.sam import build_sam
+from ssam.model.sdpa import encoder_attention_forward
 from ssam.model.semantic_sam import build_semantic_sam
 from ssam.overlay import decode_rles
 
@@ -175,7 +177,8 @@ def assert_equivalent(ref, out, min_share=0.95):
 )
 def test_matches_segment_anything_generator_on_photos(toy, photos, extra):
     settings = {**LOCAL, **extra}
-    reference = SamAutomaticMaskGenerator(toy, output_mode="coco_rle", **settings)
+    # a model of its own: an engine switches the attention of the model it runs to SDPA (toy's, here)
+    reference = SamAutomaticMaskGenerator(local_sam(), output_mode="coco_rle", **settings)
     # 100 prompts per decoder call: calls straddle images, and some crops' sub-batches lose every mask.
     engine = MaskEngine(toy, AmgSettings(min_mask_area=0, max_masks=10_000, points_per_batch=100, **settings))
     results = engine.generate(photos)
@@ -195,7 +198,10 @@ def test_matches_generator_with_the_unmodified_smoke_sam(photos):
     settings = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.5)
     settings.update(stability_score_offset=0.01, box_nms_thresh=1.0)
     reference = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings)
-    engine = MaskEngine(sam, AmgSettings(min_mask_area=0, max_masks=10_000, **settings))
+    engine = MaskEngine(copy.deepcopy(sam), AmgSettings(min_mask_area=0, max_masks=10_000, **settings))
+    # the engine runs SAM's attention through SDPA (model/sdpa.py), on its own model instance only
+    assert engine.model.image_encoder.blocks[0].attn.forward.__func__ is encoder_attention_forward
+    assert "forward" not in vars(sam.image_encoder.blocks[0].attn)  # the reference's: untouched
     for im, res in zip(photos[:2], engine.generate(photos[:2]), strict=True):
         ref = reference.generate(im)
         assert len(ref) > 20
