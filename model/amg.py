@@ -344,9 +344,9 @@ def decoder_masks(dec, hs, src, hw):
 # 32 upscaled channels) outgrow the caches when it holds dozens of prompts: every elementwise
 # pass then reads and writes main memory. Run a few prompts at a time, each part's largest
 # per-prompt tensors fit in about this many bytes and are still cached when the next operation
-# reads them (bench_decoder.py, vit_b's decoder, 64 prompts on 2 cores with a 32 MiB L3: the
-# transformer x1.5 in float32 and x1.6 in bf16, the upscaling x1.9 and x1.8). On CUDA the whole
-# call runs at once, as its kernels want.
+# reads them (vit_b's decoder, 64 prompts on 2 cores with a 32 MiB L3: the whole call x1.2 in
+# float32 and x1.4 in bf16 in bench_decoder.py; benchmarks/README.md has the sweep that chose the
+# budget). On CUDA the whole call runs at once, as its kernels want.
 CPU_DECODER_CHUNK_BYTES = 16 * 2**20
 
 
