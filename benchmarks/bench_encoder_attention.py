@@ -6,6 +6,13 @@ Here two copies of one random-weight encoder (``--sam``) encode the same ``--ima
 as the engine runs its encoder (autocast; ``masks.cpu_bf16`` on a CPU, the default on CUDA).
 Reports seconds per call, the ratio and how far apart the features are.
 
+A third copy, ``folded``, is an experiment, not what the engine ships: the decomposed relative
+positions folded into the queries and keys (each query gets its ``h + w`` relative-position
+scores as extra channels, each key the one-hot of its row and column; the values are padded with
+zeros to the same width), so that SDPA needs no mask. On CUDA that lets the flash kernel run
+instead of the memory-efficient one that a float mask forces; on a CPU it was no faster
+(benchmarks/README.md, 2026-11-29).
+
     .venv/bin/python benchmarks/bench_encoder_attention.py                    # CPU, vit_b, ~2 minutes
     .venv/bin/python benchmarks/bench_encoder_attention.py --device cuda --sam vit_h --images 8
 """
@@ -15,14 +22,42 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Attention as EncoderAttention
 from timing import best_of_interleaved
 
 from ssam.device import bf16_autocast
 from ssam.model.sam import build_sam
-from ssam.model.sdpa import enable_sdpa
+from ssam.model.sdpa import enable_sdpa, rel_pos_table
+
+
+def folded_rel_pos_forward(self: EncoderAttention, x: torch.Tensor) -> torch.Tensor:
+    """segment-anything's encoder attention through a mask-free SDPA call (module docstring)."""
+    b, h, w, _ = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, heads, h*w, head_dim)
+    c = q.shape[-1]
+    if not self.use_rel_pos:
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+    else:
+        rh = rel_pos_table(h, h, self.rel_pos_h).to(q.dtype)
+        rw = rel_pos_table(w, w, self.rel_pos_w).to(q.dtype)
+        r_q = q.reshape(b, self.num_heads, h, w, c)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, self.num_heads, h * w, h)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, self.num_heads, h * w, w)
+        rows = torch.eye(h, dtype=q.dtype, device=q.device).repeat_interleave(w, 0)  # key (r, c) -> e_r
+        cols = torch.eye(w, dtype=q.dtype, device=q.device).repeat(h, 1)  # key (r, c) -> e_c
+        q2 = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
+        k2 = torch.cat(
+            [k, rows.expand(b, self.num_heads, -1, -1), cols.expand(b, self.num_heads, -1, -1)], -1
+        )
+        out = F.scaled_dot_product_attention(q2, k2, F.pad(v, (0, h + w)), scale=1.0)[..., :c]
+    out = out.reshape(b, self.num_heads, h, w, c).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return self.proj(out)
 
 
 def main() -> None:
@@ -38,6 +73,10 @@ def main() -> None:
     theirs = build_sam(args.sam, seed=0).to(dev).eval().image_encoder
     ours = copy.deepcopy(theirs)
     switched = enable_sdpa(ours)
+    folded = copy.deepcopy(theirs)
+    for m in folded.modules():
+        if isinstance(m, EncoderAttention):
+            m.forward = types.MethodType(folded_rel_pos_forward, m)
     side = theirs.img_size
     x = torch.randn(args.images, 3, side, side, generator=torch.Generator().manual_seed(0)).to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -50,16 +89,21 @@ def main() -> None:
     )
     for name, bf16 in (("float32", False), ("bf16", True)):
         with torch.inference_mode(), bf16_autocast(dev, bf16):
-            a, b = theirs(x).float(), ours(x).float()
+            a, b, f = theirs(x).float(), ours(x).float(), folded(x).float()
             res[f"{name}_features_max_abs_diff"] = float((a - b).abs().max())
+            res[f"{name}_folded_features_max_abs_diff"] = float((a - f).abs().max())
             res[f"{name}_features_mean_abs"] = float(a.abs().mean())
-            del a, b
-            best = best_of_interleaved(
-                {"segment_anything": lambda: theirs(x), "sdpa": lambda: ours(x)}, args.rounds, sync
-            )
-        res[f"{name}_segment_anything_s"] = best["segment_anything"]
-        res[f"{name}_sdpa_s"] = best["sdpa"]
+            del a, b, f
+            variants = {
+                "segment_anything": lambda: theirs(x),
+                "sdpa": lambda: ours(x),
+                "folded": lambda: folded(x),
+            }
+            best = best_of_interleaved(variants, args.rounds, sync)
+        for k, t in best.items():
+            res[f"{name}_{k}_s"] = t
         res[f"{name}_ratio"] = best["segment_anything"] / best["sdpa"]
+        res[f"{name}_folded_vs_sdpa"] = best["sdpa"] / best["folded"]
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

@@ -13,7 +13,7 @@
 # limit (as step 1 was on 2026-11-27) loses what a pipe still holds.
 set -uo pipefail
 OUT=${1:-/tmp/gpu-out}
-STEPS=${STEPS:-1780}  # run in this order, the goal first; 2-6 only when asked; 6 needs .raypack
+STEPS=${STEPS:-1780}  # run in this order, the goal first; 2-6 and 9 only when asked; 6 needs .raypack
 PIPE=${PIPE:-0}        # photos through the pipeline's stages in step 1 (0: skip; 48 are too few, see README)
 VARIANTS=${VARIANTS:-shipped ungated}  # step 0 (profile_masks.py --help)
 PATHS=${PATHS:-eager}  # step 1: the label path again, compiled less (bench_engine.py --help)
@@ -97,6 +97,15 @@ step6() {
 #    here?); ~20 s
 step8() {
     timeout 60 python3 "$REPO/benchmarks/bench_upscale.py" --device cuda --masks 256 2>&1 | tail -10
+}
+
+# 9. SAM vit_h's encoder: segment-anything's attention, SDPA with the relative positions as a float
+#    mask (shipped: the memory-efficient kernel), and the experiment that folds them into queries
+#    and keys so the flash kernel can run (bench_encoder_attention.py); only when asked (STEPS=9),
+#    not yet run on a GPU (2026-11-29), ~1 minute
+step9() {
+    timeout 120 python3 "$REPO/benchmarks/bench_encoder_attention.py" --device cuda --sam vit_h --images 8 \
+    --rounds 3 2>&1 | grep -v -i warn | tail -25
 }
 
 for ((i = 0; i < ${#STEPS}; i++)); do "step${STEPS:i:1}"; done
