@@ -49,6 +49,7 @@ def main() -> None:
     )
     from ssam.model.sam import build_sam
     from ssam.model.sdpa import enable_sdpa
+    from ssam.model.two_way import convolution_mask_logits
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -100,8 +101,7 @@ def main() -> None:
     def conv_masks(hs, src):
         """The masks part as it was before 2026-11-29: segment-anything's transposed convolutions."""
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-        up = dec.output_upscaling(src.transpose(1, 2).reshape(src.shape[0], c, *hw))
-        return (hyper @ up.flatten(2)).view(src.shape[0], -1, *up.shape[-2:])
+        return convolution_mask_logits(dec.output_upscaling, hyper, src, hw)
 
     def engine_conv_upscaling():
         hs, src, iou, _ = decoder_tokens(dec, feats, pe, sparse, dense)

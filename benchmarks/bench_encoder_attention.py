@@ -32,7 +32,7 @@ from timing import best_of_interleaved
 
 from ssam.device import bf16_autocast
 from ssam.model.sam import build_sam
-from ssam.model.sdpa import enable_sdpa, rel_pos_table
+from ssam.model.sdpa import enable_sdpa, rel_pos_terms
 
 
 def folded_rel_pos_forward(self: EncoderAttention, x: torch.Tensor) -> torch.Tensor:
@@ -44,11 +44,9 @@ def folded_rel_pos_forward(self: EncoderAttention, x: torch.Tensor) -> torch.Ten
     if not self.use_rel_pos:
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
     else:
-        rh = rel_pos_table(h, h, self.rel_pos_h).to(q.dtype)
-        rw = rel_pos_table(w, w, self.rel_pos_w).to(q.dtype)
-        r_q = q.reshape(b, self.num_heads, h, w, c)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, self.num_heads, h * w, h)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, self.num_heads, h * w, w)
+        rel_h, rel_w = rel_pos_terms(q.reshape(b * self.num_heads, h * w, c), self, h, w)
+        rel_h = rel_h.reshape(b, self.num_heads, h * w, h).to(q.dtype)
+        rel_w = rel_w.reshape(b, self.num_heads, h * w, w).to(q.dtype)
         rows = torch.eye(h, dtype=q.dtype, device=q.device).repeat_interleave(w, 0)  # key (r, c) -> e_r
         cols = torch.eye(w, dtype=q.dtype, device=q.device).repeat(h, 1)  # key (r, c) -> e_c
         q2 = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)

@@ -357,14 +357,15 @@ def _upscaled_bytes_per_prompt(dec, src: torch.Tensor) -> int:
     return 16 * src.shape[1] * channels * src.element_size()
 
 
-def _in_prompt_chunks(fn, per_prompt_bytes: int, n: int, args: list, per_prompt: list[bool]):
-    """``fn(*args)`` over ``n`` prompts, a chunk at a time: the arguments flagged ``per_prompt``
-    (and with ``n`` rows) are sliced, outputs concatenated (None stays None)."""
+def _in_prompt_chunks(fn, per_prompt_bytes: int, n: int, *args):
+    """``fn(*args)`` over ``n`` prompts, a chunk at a time: the tensor arguments with ``n`` rows
+    are sliced (the shared ones have one row, and ``n`` is at least 2 once there are chunks),
+    outputs concatenated (None stays None)."""
     k = max(1, CPU_DECODER_CHUNK_BYTES // max(1, per_prompt_bytes))
     if n <= k:
         return fn(*args)
     parts = [
-        fn(*[a[i : i + k] if cut and a.shape[0] == n else a for a, cut in zip(args, per_prompt, strict=True)])
+        fn(*[a[i : i + k] if isinstance(a, torch.Tensor) and a.shape[0] == n else a for a in args])
         for i in range(0, n, k)
     ]
     return tuple(None if outs[0] is None else torch.cat(outs) for outs in zip(*parts, strict=True))
@@ -372,15 +373,14 @@ def _in_prompt_chunks(fn, per_prompt_bytes: int, n: int, args: list, per_prompt:
 
 def cpu_decoder_tokens(dec, features, pe, sparse, dense):
     """:func:`decoder_tokens` a few prompts at a time (see ``CPU_DECODER_CHUNK_BYTES``)."""
-    per = features.shape[1] * features.shape[2] * features.shape[3] * features.element_size()
-    args = [dec, features, pe, sparse, dense]
-    return _in_prompt_chunks(decoder_tokens, per, sparse.shape[0], args, [False, True, False, True, True])
+    per = features[0].nelement() * features.element_size()  # one prompt's image tokens
+    return _in_prompt_chunks(decoder_tokens, per, sparse.shape[0], dec, features, pe, sparse, dense)
 
 
 def cpu_decoder_masks(dec, hs, src, hw):
     """:func:`decoder_masks` a few prompts at a time (see ``CPU_DECODER_CHUNK_BYTES``)."""
     per = _upscaled_bytes_per_prompt(dec, src)
-    return _in_prompt_chunks(decoder_masks, per, src.shape[0], [dec, hs, src, hw], [False, True, True, False])
+    return _in_prompt_chunks(decoder_masks, per, src.shape[0], dec, hs, src, hw)
 
 
 def rle_runs(masks_bhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,16 +42,24 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tens
     return rel_pos[_REL_INDEX[key]]
 
 
-def rel_pos_bias(q_bnlc: torch.Tensor, attn: EncoderAttention, h: int, w: int) -> torch.Tensor:
-    """The decomposed relative-position term of SAM's encoder as a ``[B*heads, h*w, h*w]`` bias.
+def rel_pos_terms(
+    q_bnlc: torch.Tensor, attn: EncoderAttention, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of SAM's decomposed relative-position term: each query's score for each key
+    row ``[B*heads, h, w, h]`` and for each key column ``[B*heads, h, w, w]``.
 
     Args:
         q_bnlc: queries ``[B*heads, h*w, C]`` (unscaled, as segment-anything uses them).
     """
     rh, rw = rel_pos_table(h, h, attn.rel_pos_h), rel_pos_table(w, w, attn.rel_pos_w)
     r_q = q_bnlc.reshape(-1, h, w, q_bnlc.shape[-1])
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+    return torch.einsum("bhwc,hkc->bhwk", r_q, rh), torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+
+
+def rel_pos_bias(q_bnlc: torch.Tensor, attn: EncoderAttention, h: int, w: int) -> torch.Tensor:
+    """The decomposed relative-position term of SAM's encoder as a ``[B*heads, h*w, h*w]`` bias
+    (``q_bnlc`` as in :func:`rel_pos_terms`)."""
+    rel_h, rel_w = rel_pos_terms(q_bnlc, attn, h, w)
     return (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, h * w, h * w)
 
 
